@@ -1,0 +1,19 @@
+//! The agent mesh sidecar proxy. Read the request path in file order:
+//! `serve` (accept, detect) -> `outbound::{route, timeout, forward, balance, pool}`, and
+//! `inbound::{target, concurrency}` -> the same forward. `app` wires it all.
+
+pub mod access_log;
+pub mod admin;
+pub mod app;
+pub mod body;
+pub mod bootstrap;
+pub mod drain;
+pub mod errors;
+pub mod health;
+pub mod inbound;
+pub mod log;
+pub mod metrics;
+pub mod outbound;
+pub mod serve;
+pub mod snapshot_file;
+pub mod state;

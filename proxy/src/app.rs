@@ -1,0 +1,214 @@
+//! Wires a sidecar together: state, listeners, stacks, admin and background tasks.
+
+use crate::admin::Admin;
+use crate::bootstrap::Bootstrap;
+use crate::drain::Drain;
+use crate::health::{AppProbe, Health};
+use crate::outbound::pool::Pools;
+use crate::serve::{server_builder, Accept};
+use crate::snapshot_file::SnapshotFile;
+use crate::state::State;
+use crate::{inbound, metrics, outbound};
+use mesh_config::{LoadError, Snapshot};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Where the sidecar actually listens (ports may have been chosen by the OS).
+#[derive(Clone, Copy, Debug)]
+pub struct BoundAddrs {
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Snapshot(#[from] LoadError),
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started sidecar. Dropping it leaves the tasks running; call [`Running::shutdown`].
+#[derive(Debug)]
+pub struct Running {
+    addrs: BoundAddrs,
+    drain: Drain,
+    grace: Duration,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+}
+
+/// Binds every listener, then serves in tasks on the current runtime.
+pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
+    let prometheus = metrics::install();
+    let (initial, initial_text) = match &boot.snapshot.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            (mesh_config::load::snapshot_str(path, &text)?, text)
+        }
+        None => (Snapshot::default(), String::new()),
+    };
+    let state = State::new(&boot.agent, boot.phase, initial);
+
+    let outbound_l = bind("outbound", boot.listen.outbound).await?;
+    let inbound_l = match boot.listen.inbound {
+        Some(addr) => Some(bind("inbound", addr).await?),
+        None => None,
+    };
+    let admin_l = bind("admin", boot.listen.admin).await?;
+    let addrs = BoundAddrs {
+        outbound: local_addr(&outbound_l),
+        inbound: inbound_l.as_ref().map(local_addr),
+        admin: local_addr(&admin_l),
+    };
+
+    let (drain, watch) = Drain::new();
+    let (stop, stopped) = watch::channel(false);
+    let pools = Arc::new(Pools::new(&boot.upstream));
+    let builder = server_builder(&boot.limits);
+    let detect_timeout = boot.limits.header_read_timeout;
+
+    let outbound = Accept {
+        name: "outbound",
+        listener: outbound_l,
+        builder: builder.clone(),
+        service: outbound::stack(&boot, state.clone(), pools.clone()),
+        detect_timeout,
+    };
+    tokio::spawn(outbound.run(watch.clone()));
+
+    let mut app = None;
+    if let Some(listener) = inbound_l {
+        let inbound = Accept {
+            name: "inbound",
+            listener,
+            builder: builder.clone(),
+            service: inbound::stack(&boot, pools.clone()),
+            detect_timeout,
+        };
+        tokio::spawn(inbound.run(watch.clone()));
+        let probe = Arc::new(AppProbe::default());
+        tokio::spawn(probe.clone().run(
+            boot.inbound.app,
+            Duration::from_secs(2),
+            stopped.clone(),
+        ));
+        app = Some((boot.inbound.app, probe));
+    }
+    drop(watch);
+
+    if let Some(path) = &boot.snapshot.file {
+        let source = SnapshotFile {
+            path: path.clone(),
+            every: boot.snapshot.poll_interval,
+            state: state.clone(),
+            current: initial_text,
+        };
+        tokio::spawn(source.run(stopped.clone()));
+    }
+
+    let health = Arc::new(Health {
+        agent: boot.agent.clone(),
+        phase: boot.phase,
+        started: Instant::now(),
+        addrs,
+        app,
+        state: state.clone(),
+        draining: drain.draining(),
+    });
+    let admin = Admin { health, prometheus };
+    tokio::spawn(admin.serve(admin_l, stopped.clone()));
+    tokio::spawn(upkeep(prometheus, stopped));
+
+    tracing::info!(
+        agent = %boot.agent,
+        phase = %boot.phase,
+        outbound = %addrs.outbound,
+        inbound = addrs.inbound.map(|a| a.to_string()),
+        admin = %addrs.admin,
+        snapshot_version = state.load().version(),
+        "proxy ready"
+    );
+    Ok(Running {
+        addrs,
+        drain,
+        grace: boot.drain.grace,
+        state,
+        stop,
+    })
+}
+
+impl Running {
+    pub fn addrs(&self) -> &BoundAddrs {
+        &self.addrs
+    }
+
+    /// Version of the snapshot in force; changes each time one is applied.
+    pub fn snapshot_version(&self) -> watch::Receiver<u64> {
+        self.state.versions()
+    }
+
+    /// Count of snapshots rejected so far.
+    pub fn snapshot_rejections(&self) -> watch::Receiver<u64> {
+        self.state.rejections()
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to the grace period, then stops
+    /// the admin listener and background tasks.
+    pub async fn shutdown(self) {
+        tracing::info!(grace_ms = self.grace.as_millis() as u64, "draining");
+        if tokio::time::timeout(self.grace, self.drain.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over with connections still open; closing them");
+        }
+        self.stop.send_replace(true);
+        tracing::info!("drained");
+    }
+}
+
+async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            listener,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(l: &TcpListener) -> SocketAddr {
+    l.local_addr().expect("a bound listener has an address")
+}
+
+/// Drains histogram buckets and samples memory even when nobody scrapes.
+async fn upkeep(
+    prometheus: &'static metrics_exporter_prometheus::PrometheusHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        prometheus.run_upkeep();
+        metrics::record_rss();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = crate::drain::stopped(&mut stop) => return,
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The response body every stack returns: the upstream's body streamed frame by frame, or a
+//! small local answer. It carries the guards that must live exactly as long as the response.
+
+use crate::access_log::AccessRecord;
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::sync::OwnedSemaphorePermit;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A streaming response body. Dropping it before the end is a caller reset: the access record
+/// notes it, and held permits are released at once.
+#[derive(Debug)]
+pub struct ProxyBody {
+    inner: Inner,
+    bytes: u64,
+    permit: Option<OwnedSemaphorePermit>,
+    record: Option<AccessRecord>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Upstream(Incoming),
+    Local(Full<Bytes>),
+}
+
+// === impl ProxyBody ===
+
+impl ProxyBody {
+    pub fn upstream(body: Incoming) -> Self {
+        Self::new(Inner::Upstream(body))
+    }
+
+    pub fn json(text: String) -> Self {
+        Self::new(Inner::Local(Full::new(Bytes::from(text))))
+    }
+
+    pub fn text(text: &'static str) -> Self {
+        Self::new(Inner::Local(Full::new(Bytes::from_static(text.as_bytes()))))
+    }
+
+    pub fn empty() -> Self {
+        Self::new(Inner::Local(Full::new(Bytes::new())))
+    }
+
+    fn new(inner: Inner) -> Self {
+        Self {
+            inner,
+            bytes: 0,
+            permit: None,
+            record: None,
+        }
+    }
+
+    /// Holds a concurrency permit until the body ends or is dropped.
+    pub fn hold_permit(&mut self, permit: OwnedSemaphorePermit) {
+        self.permit = Some(permit);
+    }
+
+    /// Completes the access record when the body ends (or is dropped).
+    pub fn attach_record(&mut self, record: AccessRecord) {
+        if self.inner_is_end() {
+            record.finish(0, None);
+        } else {
+            self.record = Some(record);
+        }
+    }
+
+    fn inner_is_end(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn end(&mut self, error: Option<&'static str>) {
+        self.permit = None;
+        if let Some(record) = self.record.take() {
+            record.finish(self.bytes, error);
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = match &mut this.inner {
+            Inner::Upstream(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+            Inner::Local(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(|e| match e {})),
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(data) = f.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if this.inner_is_end() {
+                    this.end(None);
+                }
+            }
+            Some(Err(_)) => this.end(Some("upstream_reset")),
+            None => this.end(None),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner_is_end()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Local(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if self.record.is_some() {
+            self.end(Some("client_reset"));
+        }
+    }
+}

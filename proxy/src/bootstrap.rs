@@ -1,0 +1,286 @@
+//! The sidecar's static configuration: who it speaks for, where it listens, where its snapshot
+//! comes from. Parsed once at start; everything else takes these typed values.
+
+use mesh_config::{LoadError, Phase};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The embedded default: a sidecar for a local agent with no control process and no Consul.
+pub const EMBEDDED: &str = include_str!("../../config/local/sidecar.toml");
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// The agent this sidecar speaks for; sent to peers as `x-mesh-caller`.
+    pub agent: String,
+    pub phase: Phase,
+    pub listen: Listen,
+    #[serde(default)]
+    pub inbound: Inbound,
+    #[serde(default)]
+    pub snapshot: SnapshotSource,
+    #[serde(default)]
+    pub drain: Drain,
+    #[serde(default)]
+    pub runtime: Runtime,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub upstream: Upstream,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    #[serde(default = "default_outbound")]
+    pub outbound: SocketAddr,
+    /// The agent's mesh port; without it the sidecar only serves outbound calls.
+    pub inbound: Option<SocketAddr>,
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// The agent's own HTTP port on localhost.
+    #[serde(default = "default_app")]
+    pub app: SocketAddr,
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: usize,
+    #[serde(with = "humantime_serde", default = "default_queue_timeout")]
+    pub queue_timeout: Duration,
+    #[serde(with = "humantime_serde", default = "default_inbound_timeout")]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotSource {
+    /// A snapshot TOML file, polled for changes. Without it the sidecar starts with no routes.
+    pub file: Option<PathBuf>,
+    #[serde(with = "humantime_serde", default = "default_poll_interval")]
+    pub poll_interval: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    #[serde(with = "humantime_serde", default = "default_grace")]
+    pub grace: Duration,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Worker threads; 0 means one per core.
+    #[serde(default)]
+    pub worker_threads: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// `tracing` filter directive, e.g. `info` or `mesh_proxy=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// One JSON line per request.
+    #[serde(default = "yes")]
+    pub access: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request head accepted; larger gets 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(with = "humantime_serde", default = "default_header_read_timeout")]
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde", default = "default_idle_timeout")]
+    pub pool_idle_timeout: Duration,
+    #[serde(default = "default_max_idle")]
+    pub pool_max_idle_per_endpoint: usize,
+}
+
+// === impl Bootstrap ===
+
+impl Bootstrap {
+    pub fn from_toml(origin: &Path, text: &str) -> Result<Bootstrap, LoadError> {
+        let boot: Bootstrap = mesh_config::load::toml_str(origin, text)?;
+        boot.check(origin)?;
+        Ok(boot)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Bootstrap, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(path, &text)
+    }
+
+    pub fn embedded() -> Bootstrap {
+        Self::from_toml(Path::new("<embedded sidecar.toml>"), EMBEDDED)
+            .expect("the embedded bootstrap is valid")
+    }
+
+    fn check(&self, origin: &Path) -> Result<(), LoadError> {
+        let fail = |reason: &str| {
+            Err(LoadError::Invalid(mesh_config::load::Located {
+                file: origin.to_owned(),
+                line: 0,
+                reason: reason.to_owned(),
+            }))
+        };
+        if self.agent.is_empty() || self.agent.len() > 63 {
+            return fail("agent: must be a service name of 1 to 63 characters");
+        }
+        if http::HeaderValue::from_str(&self.agent).is_err() {
+            return fail("agent: must be printable ASCII");
+        }
+        if self.inbound.max_concurrency == 0 {
+            return fail("inbound.max_concurrency: must be at least 1");
+        }
+        if self.limits.max_header_bytes < 8192 {
+            return fail("limits.max_header_bytes: must be at least 8192");
+        }
+        if self.snapshot.poll_interval.is_zero() {
+            return fail("snapshot.poll_interval: must be greater than zero");
+        }
+        Ok(())
+    }
+}
+
+// === defaults ===
+
+impl Default for Inbound {
+    fn default() -> Self {
+        Self {
+            app: default_app(),
+            max_concurrency: default_max_concurrency(),
+            queue_depth: default_queue_depth(),
+            queue_timeout: default_queue_timeout(),
+            timeout: default_inbound_timeout(),
+        }
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            grace: default_grace(),
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            access: true,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: default_max_header_bytes(),
+            header_read_timeout: default_header_read_timeout(),
+        }
+    }
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: default_connect_timeout(),
+            pool_idle_timeout: default_idle_timeout(),
+            pool_max_idle_per_endpoint: default_max_idle(),
+        }
+    }
+}
+
+fn default_outbound() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15001))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15090))
+}
+fn default_app() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_max_concurrency() -> usize {
+    256
+}
+fn default_queue_depth() -> usize {
+    1024
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_inbound_timeout() -> Duration {
+    mesh_config::snapshot::DEFAULT_TIMEOUT
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_header_bytes() -> usize {
+    64 * 1024
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_max_idle() -> usize {
+    64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let boot = Bootstrap::embedded();
+        assert_eq!(boot.listen.outbound.port(), 15001);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_line() {
+        let err = Bootstrap::from_toml(
+            Path::new("sidecar.toml"),
+            "agent = \"a\"\nphase = \"critical\"\n[listen]\nadmn = \"127.0.0.1:1\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("sidecar.toml:4:"), "{err}");
+    }
+}

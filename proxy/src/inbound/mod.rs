@@ -1,0 +1,28 @@
+//! The inbound path: peers' calls to this sidecar's agent.
+//! `target (this agent) -> access log -> concurrency -> timeout -> forward to the local app`.
+
+pub mod concurrency;
+pub mod target;
+
+use crate::access_log::AccessLogLayer;
+use crate::bootstrap::Bootstrap;
+use crate::outbound::{forward::Forward, pool::Pools, timeout::TimeoutLayer};
+use std::sync::Arc;
+use tower::ServiceBuilder;
+
+pub type Stack = target::LocalTarget<
+    crate::access_log::AccessLog<
+        concurrency::ConcurrencyLimit<crate::outbound::timeout::Timeout<Forward>>,
+    >,
+>;
+
+pub fn stack(boot: &Bootstrap, pools: Arc<Pools>) -> Stack {
+    let local = target::LocalTargetLayer::new(boot);
+    let fallback = local.metrics();
+    ServiceBuilder::new()
+        .layer(local)
+        .layer(AccessLogLayer::new("inbound", fallback, boot.log.access))
+        .layer(concurrency::ConcurrencyLayer::new(&boot.inbound))
+        .layer(TimeoutLayer)
+        .service(Forward::new(pools))
+}

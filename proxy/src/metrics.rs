@@ -1,0 +1,184 @@
+//! Every metric the proxy exports: names, help, buckets, and pre-registered handles so the
+//! request path increments atomics instead of looking up label sets.
+
+use metrics::{Counter, Gauge, Histogram, Label};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::{Arc, OnceLock};
+
+pub const REQUESTS_TOTAL: &str = "agent_requests_total";
+pub const REQUEST_DURATION: &str = "agent_request_duration_seconds";
+pub const ERRORS_TOTAL: &str = "agent_errors_total";
+pub const INFLIGHT: &str = "agent_inflight_requests";
+pub const CONNECTIONS_TOTAL: &str = "agent_connections_total";
+pub const PROTOCOL_ERRORS: &str = "agent_protocol_errors_total";
+pub const SNAPSHOT_VERSION: &str = "agent_snapshot_version";
+pub const SNAPSHOT_APPLIED: &str = "agent_snapshot_applied_total";
+pub const SNAPSHOT_REJECTIONS: &str = "agent_snapshot_rejections_total";
+pub const INBOUND_QUEUE_DEPTH: &str = "agent_inbound_queue_depth";
+pub const RESOURCE_USAGE: &str = "agent_resource_usage_bytes";
+pub const UPSTREAM_READY: &str = "agent_upstream_ready";
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// Statuses with a pre-registered counter; others register on first use.
+const COMMON_STATUS: [u16; 19] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 408, 409, 429, 500, 502, 503, 504,
+];
+
+/// Error kinds counted in `agent_errors_total{kind}`: a closed set.
+pub const ERROR_KINDS: [&str; 11] = [
+    "no_route",
+    "no_authority",
+    "no_endpoints",
+    "upstream_unavailable",
+    "upstream_failed",
+    "timeout",
+    "overloaded",
+    "draining",
+    "client_reset",
+    "upstream_reset",
+    "upstream_status",
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls return the same handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)
+            .expect("bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (an embedding program); ours still renders.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(REQUESTS_TOTAL, "Requests that got a response, by status.");
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request received to the end of the response body."
+    );
+    describe_counter!(ERRORS_TOTAL, "Requests that failed, by kind.");
+    describe_gauge!(INFLIGHT, "Requests in flight.");
+    describe_counter!(CONNECTIONS_TOTAL, "Connections accepted, by listener.");
+    describe_counter!(PROTOCOL_ERRORS, "Connections closed for bad protocol input.");
+    describe_gauge!(SNAPSHOT_VERSION, "Version of the snapshot in force.");
+    describe_counter!(SNAPSHOT_APPLIED, "Snapshots applied.");
+    describe_counter!(SNAPSHOT_REJECTIONS, "Snapshots rejected as invalid.");
+    describe_gauge!(INBOUND_QUEUE_DEPTH, "Requests waiting for an inbound slot.");
+    describe_gauge!(RESOURCE_USAGE, Unit::Bytes, "Resident memory of the proxy.");
+    describe_gauge!(UPSTREAM_READY, "1 when the local app answers TCP connects.");
+}
+
+/// Counters for one (direction, target) pair, registered when a snapshot is compiled.
+#[derive(Debug)]
+pub struct TargetMetrics {
+    pub target: Arc<str>,
+    labels: Vec<Label>,
+    status: [Counter; COMMON_STATUS.len()],
+    errors: [Counter; ERROR_KINDS.len()],
+    duration: Histogram,
+    inflight: Gauge,
+}
+
+impl TargetMetrics {
+    pub fn new(direction: &'static str, agent: &str, phase: &str, target: &str) -> Arc<Self> {
+        let labels = vec![
+            Label::new("direction", direction),
+            Label::new("agent", agent.to_owned()),
+            Label::new("target", target.to_owned()),
+            Label::new("phase", phase.to_owned()),
+        ];
+        let with = |k: &'static str, v: &'static str| {
+            let mut l = labels.clone();
+            l.push(Label::new(k, v));
+            l
+        };
+        let status = COMMON_STATUS.map(|code| {
+            metrics::counter!(REQUESTS_TOTAL, with("status", status_str(code)))
+        });
+        let errors = ERROR_KINDS.map(|kind| metrics::counter!(ERRORS_TOTAL, with("kind", kind)));
+        Arc::new(Self {
+            target: target.into(),
+            duration: metrics::histogram!(REQUEST_DURATION, labels.clone()),
+            inflight: metrics::gauge!(INFLIGHT, labels.clone()),
+            labels,
+            status,
+            errors,
+        })
+    }
+
+    pub fn response(&self, status: u16, seconds: f64) {
+        match COMMON_STATUS.iter().position(|&c| c == status) {
+            Some(i) => self.status[i].increment(1),
+            None => {
+                let mut l = self.labels.clone();
+                l.push(Label::new("status", status.to_string()));
+                metrics::counter!(REQUESTS_TOTAL, l).increment(1);
+            }
+        }
+        self.duration.record(seconds);
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        if let Some(i) = ERROR_KINDS.iter().position(|&k| k == kind) {
+            self.errors[i].increment(1);
+        }
+    }
+
+    pub fn inflight(&self) -> &Gauge {
+        &self.inflight
+    }
+}
+
+fn status_str(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        206 => "206",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        409 => "409",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => "other",
+    }
+}
+
+pub fn protocol_error(kind: &'static str) {
+    metrics::counter!(PROTOCOL_ERRORS, "kind" => kind).increment(1);
+}
+
+/// Resident set size from /proc, for `agent_resource_usage_bytes`.
+pub fn record_rss() {
+    if let Some(rss) = read_rss_bytes() {
+        metrics::gauge!(RESOURCE_USAGE, "resource" => "rss").set(rss as f64);
+    }
+}
+
+fn read_rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

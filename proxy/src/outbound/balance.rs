@@ -1,0 +1,219 @@
+//! Endpoint selection: power of two choices over peak-EWMA latency weighted by requests in
+//! flight, as linkerd2-proxy and Finagle do. Lock-free: every statistic is an atomic, and a
+//! lost race between two updates only makes an estimate slightly stale.
+
+use http::uri::Authority;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How fast old latency observations fade.
+const DECAY: Duration = Duration::from_secs(10);
+/// Latency assumed for an endpoint not yet measured.
+const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// One upstream address and what the balancer has learned about it.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `addr` as a URI authority, built once rather than per request.
+    pub authority: Authority,
+    inflight: AtomicU32,
+    /// Peak-EWMA round trip in nanoseconds, as f64 bits.
+    rtt_ns: AtomicU64,
+    /// When `rtt_ns` was last updated, in nanoseconds since `epoch()`.
+    stamp_ns: AtomicU64,
+}
+
+/// The endpoints of one backend.
+#[derive(Debug)]
+pub struct EndpointSet {
+    endpoints: Box<[Arc<Endpoint>]>,
+}
+
+/// Marks a request in flight on an endpoint; records its latency when the response arrives.
+#[derive(Debug)]
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+// === impl Endpoint ===
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            authority: Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is a valid authority"),
+            inflight: AtomicU32::new(0),
+            rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
+        }
+    }
+
+    /// Expected cost of sending one more request here.
+    fn cost(&self, now_ns: u64) -> f64 {
+        let rtt = self.decayed_rtt(now_ns);
+        rtt * (self.inflight.load(Relaxed) as f64 + 1.0)
+    }
+
+    fn decayed_rtt(&self, now_ns: u64) -> f64 {
+        let rtt = f64::from_bits(self.rtt_ns.load(Relaxed));
+        let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Relaxed)) as f64;
+        rtt * (-elapsed / DECAY.as_nanos() as f64).exp()
+    }
+
+    fn observe(&self, rtt: Duration, now: Instant) {
+        let now_ns = nanos_since_epoch(now);
+        let sample = rtt.as_nanos() as f64;
+        let current = f64::from_bits(self.rtt_ns.load(Relaxed));
+        let next = if sample > current {
+            // Peak: jump to a worse latency at once, so a slowing endpoint sheds load quickly.
+            sample
+        } else {
+            let elapsed = now_ns.saturating_sub(self.stamp_ns.load(Relaxed)) as f64;
+            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            current * w + sample * (1.0 - w)
+        };
+        self.rtt_ns.store(next.to_bits(), Relaxed);
+        self.stamp_ns.store(now_ns, Relaxed);
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Relaxed)
+    }
+
+    /// Latency estimate as of now, for /config and debugging.
+    pub fn rtt_estimate(&self) -> Duration {
+        let ns = self.decayed_rtt(nanos_since_epoch(Instant::now()));
+        Duration::from_nanos(ns as u64)
+    }
+}
+
+// === impl EndpointSet ===
+
+impl EndpointSet {
+    pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        Self {
+            endpoints: endpoints.into_boxed_slice(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints.iter()
+    }
+
+    /// Picks two distinct endpoints at random and returns the cheaper one.
+    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        match self.endpoints.len() {
+            0 => None,
+            1 => Some(&self.endpoints[0]),
+            n => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                let now = nanos_since_epoch(Instant::now());
+                let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+                Some(if ea.cost(now) <= eb.cost(now) { ea } else { eb })
+            }
+        }
+    }
+}
+
+// === impl InFlight ===
+
+impl InFlight {
+    pub fn start(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.inflight.fetch_add(1, Relaxed);
+        Self {
+            endpoint,
+            started: Instant::now(),
+        }
+    }
+
+    /// The response head arrived: record the round trip.
+    pub fn responded(&self) {
+        let now = Instant::now();
+        self.endpoint.observe(now - self.started, now);
+    }
+
+    /// The request failed: count the time spent as a round trip so a failing endpoint looks
+    /// expensive rather than free.
+    pub fn failed(&self) {
+        let now = Instant::now();
+        let spent = (now - self.started).max(DEFAULT_RTT);
+        self.endpoint.observe(spent, now);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.inflight.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: u16) -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(SocketAddr::from(([127, 0, 0, 1], port))))
+    }
+
+    #[test]
+    fn slow_endpoint_loses_every_pairwise_choice() {
+        let fast = ep(1);
+        let slow = ep(2);
+        let now = Instant::now();
+        fast.observe(Duration::from_millis(1), now);
+        slow.observe(Duration::from_millis(200), now);
+        let set = EndpointSet::new(vec![fast.clone(), slow]);
+        // With two endpoints both are always compared, so the cheaper one always wins.
+        for _ in 0..100 {
+            assert_eq!(set.pick().unwrap().addr, fast.addr);
+        }
+    }
+
+    #[test]
+    fn requests_in_flight_raise_cost() {
+        let a = ep(1);
+        let b = ep(2);
+        let set = EndpointSet::new(vec![a.clone(), b.clone()]);
+        let _busy: Vec<_> = (0..4).map(|_| InFlight::start(a.clone())).collect();
+        assert_eq!(set.pick().unwrap().addr, b.addr);
+    }
+
+    #[test]
+    fn inflight_is_released_on_drop() {
+        let a = ep(1);
+        drop(InFlight::start(a.clone()));
+        assert_eq!(a.inflight(), 0);
+    }
+
+    #[test]
+    fn peak_decays_towards_new_samples() {
+        let a = ep(1);
+        let t0 = Instant::now();
+        a.observe(Duration::from_millis(100), t0);
+        a.observe(Duration::from_millis(1), t0 + DECAY * 3);
+        let rtt = f64::from_bits(a.rtt_ns.load(Relaxed));
+        assert!(rtt < Duration::from_millis(10).as_nanos() as f64, "{rtt}");
+    }
+}

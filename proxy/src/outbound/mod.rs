@@ -1,0 +1,34 @@
+//! The outbound path: an agent's calls to other agents, in the order a request meets them.
+//! `route -> access log -> timeout -> forward (balance, pool)`. Each policy is a tower layer in
+//! its own file; adding one is a file and a line in [`stack`].
+
+pub mod balance;
+pub mod forward;
+pub mod pool;
+pub mod route;
+pub mod timeout;
+
+use crate::access_log::AccessLogLayer;
+use crate::bootstrap::Bootstrap;
+use crate::metrics::TargetMetrics;
+use crate::state::State;
+use std::sync::Arc;
+use tower::ServiceBuilder;
+
+pub use route::CALLER_HEADER;
+
+/// Builds the outbound service shared by every outbound connection.
+pub fn stack(
+    boot: &Bootstrap,
+    state: Arc<State>,
+    pools: Arc<pool::Pools>,
+) -> route::RouteService<
+    crate::access_log::AccessLog<timeout::Timeout<forward::Forward>>,
+> {
+    let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
+    ServiceBuilder::new()
+        .layer(route::RouteLayer::new(&boot.agent, state, boot.log.access))
+        .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
+        .layer(timeout::TimeoutLayer)
+        .service(forward::Forward::new(pools))
+}

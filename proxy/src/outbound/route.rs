@@ -1,0 +1,118 @@
+//! Finds where a request goes: by authority (`name`, `name.mesh`, `name.service.consul`), then
+//! by the snapshot's explicit rules (path prefix, headers). No route answers 503 at once.
+
+use crate::access_log;
+use crate::body::ProxyBody;
+use crate::errors::ProxyError;
+use crate::state::State;
+use futures_util::future::{self, Either, Ready};
+use http::{header, HeaderName, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use mesh_config::snapshot::normalize_authority;
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The identity of the calling agent, set by its sidecar; an agent cannot choose its value.
+pub const CALLER_HEADER: HeaderName = HeaderName::from_static("x-mesh-caller");
+
+#[derive(Clone, Debug)]
+pub struct RouteLayer {
+    caller: HeaderValue,
+    state: Arc<State>,
+    log: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteService<S> {
+    inner: S,
+    caller: HeaderValue,
+    state: Arc<State>,
+    log: bool,
+}
+
+impl RouteLayer {
+    pub fn new(agent: &str, state: Arc<State>, log: bool) -> Self {
+        Self {
+            caller: HeaderValue::from_str(agent).expect("bootstrap checked the agent name"),
+            state,
+            log,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RouteLayer {
+    type Service = RouteService<S>;
+
+    fn layer(&self, inner: S) -> RouteService<S> {
+        RouteService {
+            inner,
+            caller: self.caller.clone(),
+            state: self.state.clone(),
+            log: self.log,
+        }
+    }
+}
+
+impl<S> tower::Service<Request<Incoming>> for RouteService<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Either<S::Future, Ready<Result<Response<ProxyBody>, Infallible>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let table = self.state.load();
+        let Some(authority) = authority(&req) else {
+            let rsp = access_log::reject(
+                "outbound",
+                table.unrouted.clone(),
+                &req,
+                ProxyError::NoAuthority,
+                self.log,
+            );
+            return Either::Right(future::ready(Ok(rsp)));
+        };
+        let name = lowercase(normalize_authority(authority));
+        match table.route(&name, req.uri().path(), req.headers()) {
+            Some(route) => {
+                req.headers_mut().insert(CALLER_HEADER, self.caller.clone());
+                req.extensions_mut().insert(route);
+                Either::Left(self.inner.call(req))
+            }
+            None => {
+                let err = ProxyError::NoRoute {
+                    target: name.into_owned(),
+                };
+                let rsp =
+                    access_log::reject("outbound", table.unrouted.clone(), &req, err, self.log);
+                Either::Right(future::ready(Ok(rsp)))
+            }
+        }
+    }
+}
+
+/// The target named by the request: the URI authority (HTTP/2, absolute-form) or `Host`.
+fn authority<B>(req: &Request<B>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+}
+
+fn lowercase(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
+}

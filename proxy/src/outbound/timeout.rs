@@ -1,0 +1,60 @@
+//! Bounds the wait for a response head by the route's timeout; a timeout answers 504. Streamed
+//! bodies are not cut: a long LLM stream that started in time runs to its end.
+
+use crate::body::ProxyBody;
+use crate::errors::ProxyError;
+use crate::state::Route;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::task::{Context, Poll};
+
+#[derive(Clone, Copy, Debug)]
+pub struct TimeoutLayer;
+
+#[derive(Clone, Debug)]
+pub struct Timeout<S> {
+    inner: S,
+}
+
+impl<S> tower::Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout { inner }
+    }
+}
+
+impl<S> tower::Service<Request<Incoming>> for Timeout<S>
+where
+    S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let Some((timeout, target)) = req
+            .extensions()
+            .get::<Route>()
+            .map(|r| (r.timeout, r.backend.name.clone()))
+        else {
+            return Box::pin(self.inner.call(req));
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(res) => res,
+                Err(_) => Err(ProxyError::Timeout {
+                    target: target.to_string(),
+                    timeout,
+                }),
+            }
+        })
+    }
+}

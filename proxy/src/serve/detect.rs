@@ -1,0 +1,24 @@
+//! Looks at a connection's first byte before handing it to the HTTP server, so TLS or binary
+//! protocols sent to a plain-HTTP port are closed and counted rather than answered with 400.
+
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detected {
+    /// An HTTP/1.x request line or the HTTP/2 preface (`PRI * HTTP/2.0`).
+    Http,
+    Unknown(u8),
+    /// Closed, or silent until the timeout: nothing to serve.
+    Nothing,
+}
+
+/// Waits for the first byte without consuming it.
+pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0].is_ascii_uppercase() => Detected::Http,
+        Ok(Ok(1)) => Detected::Unknown(first[0]),
+        _ => Detected::Nothing,
+    }
+}

@@ -1,0 +1,7 @@
+//! Accepting connections and serving HTTP on them, shared by the inbound and outbound
+//! listeners: protocol detection, hyper's HTTP/1.1 + HTTP/2 server, and drain.
+
+mod accept;
+mod detect;
+
+pub use accept::{server_builder, Accept};

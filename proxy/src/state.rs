@@ -1,0 +1,232 @@
+//! The snapshot in force, compiled into a lookup table and published through `ArcSwap`: the
+//! request path does one atomic load and never waits for a writer.
+
+use crate::metrics::{self, TargetMetrics};
+use crate::outbound::balance::{Endpoint, EndpointSet};
+use arc_swap::ArcSwap;
+use http::{HeaderName, HeaderValue};
+use mesh_config::{Phase, Protocol, Snapshot};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// A resolved target: where requests for one service go and how.
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub phase: Phase,
+    pub protocol: Protocol,
+    pub timeout: Duration,
+    pub endpoints: EndpointSet,
+    pub metrics: Arc<TargetMetrics>,
+}
+
+/// An explicit route rule, ready to match.
+#[derive(Debug)]
+pub struct Rule {
+    path_prefix: Option<Box<str>>,
+    headers: Box<[(HeaderName, HeaderValue)]>,
+    pub backend: Arc<Backend>,
+    pub timeout: Duration,
+}
+
+/// What a request is routed to.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub backend: Arc<Backend>,
+    pub timeout: Duration,
+}
+
+/// A compiled snapshot: lookups by normalized authority.
+#[derive(Debug)]
+pub struct RouteTable {
+    pub snapshot: Arc<Snapshot>,
+    by_name: HashMap<Box<str>, Arc<Backend>>,
+    rules: HashMap<Box<str>, Box<[Rule]>>,
+    pub unrouted: Arc<TargetMetrics>,
+}
+
+// === impl RouteTable ===
+
+impl RouteTable {
+    pub fn version(&self) -> u64 {
+        self.snapshot.version
+    }
+
+    /// Finds the route for a request to `name` (already normalized).
+    pub fn route(&self, name: &str, path: &str, headers: &http::HeaderMap) -> Option<Route> {
+        if let Some(rules) = self.rules.get(name) {
+            for rule in rules.iter() {
+                if rule.matches(path, headers) {
+                    return Some(Route {
+                        backend: rule.backend.clone(),
+                        timeout: rule.timeout,
+                    });
+                }
+            }
+        }
+        self.by_name.get(name).map(|b| Route {
+            backend: b.clone(),
+            timeout: b.timeout,
+        })
+    }
+}
+
+impl Rule {
+    fn matches(&self, path: &str, headers: &http::HeaderMap) -> bool {
+        if let Some(prefix) = &self.path_prefix {
+            if !path.starts_with(&**prefix) {
+                return false;
+            }
+        }
+        self.headers
+            .iter()
+            .all(|(name, value)| headers.get(name) == Some(value))
+    }
+}
+
+/// Builds route tables, keeping endpoint load statistics across snapshots so a swap does not
+/// reset what the balancer learned.
+#[derive(Debug)]
+pub struct Compiler {
+    agent: String,
+    phase: Phase,
+    endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+}
+
+impl Compiler {
+    pub fn new(agent: &str, phase: Phase) -> Self {
+        Self {
+            agent: agent.to_owned(),
+            phase,
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Compiles a validated snapshot. Runs off the request path.
+    pub fn compile(&self, snapshot: Snapshot) -> RouteTable {
+        let phase = self.phase.as_str();
+        let mut known = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let mut live = HashMap::with_capacity(known.len());
+        let mut by_name = HashMap::with_capacity(snapshot.services.len());
+        for svc in &snapshot.services {
+            let endpoints = svc
+                .endpoints
+                .iter()
+                .map(|addr| {
+                    let ep = known
+                        .get(addr)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(Endpoint::new(*addr)));
+                    live.insert(*addr, ep.clone());
+                    ep
+                })
+                .collect();
+            let backend = Arc::new(Backend {
+                name: svc.name.as_str().into(),
+                phase: svc.phase,
+                protocol: svc.protocol,
+                timeout: svc.timeout.unwrap_or(snapshot.defaults.timeout),
+                endpoints: EndpointSet::new(endpoints),
+                metrics: TargetMetrics::new("outbound", &self.agent, phase, &svc.name),
+            });
+            by_name.insert(Box::<str>::from(svc.name.as_str()), backend);
+        }
+        *known = live;
+        drop(known);
+
+        let mut rules: HashMap<Box<str>, Vec<Rule>> = HashMap::new();
+        for rule in &snapshot.routes {
+            // validate() guarantees the backend exists and header names and values are legal.
+            let Some(backend) = by_name.get(rule.backend.as_str()) else {
+                continue;
+            };
+            let headers = rule
+                .headers
+                .iter()
+                .filter_map(|(k, v)| {
+                    Some((
+                        HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect();
+            let name = mesh_config::snapshot::normalize_authority(&rule.authority);
+            rules.entry(name.into()).or_default().push(Rule {
+                path_prefix: rule.path_prefix.as_deref().map(Into::into),
+                headers,
+                timeout: rule.timeout.unwrap_or(backend.timeout),
+                backend: backend.clone(),
+            });
+        }
+        RouteTable {
+            snapshot: Arc::new(snapshot),
+            by_name,
+            rules: rules
+                .into_iter()
+                .map(|(k, v)| (k, v.into_boxed_slice()))
+                .collect(),
+            unrouted: TargetMetrics::new("outbound", &self.agent, phase, ""),
+        }
+    }
+}
+
+/// The published route table plus change notifications for admin and tests.
+#[derive(Debug)]
+pub struct State {
+    table: ArcSwap<RouteTable>,
+    compiler: Compiler,
+    version_tx: watch::Sender<u64>,
+    rejections_tx: watch::Sender<u64>,
+}
+
+impl State {
+    pub fn new(agent: &str, phase: Phase, initial: Snapshot) -> Arc<Self> {
+        let compiler = Compiler::new(agent, phase);
+        let version = initial.version;
+        let table = compiler.compile(initial);
+        ::metrics::gauge!(metrics::SNAPSHOT_VERSION).set(version as f64);
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(table),
+            compiler,
+            version_tx: watch::Sender::new(version),
+            rejections_tx: watch::Sender::new(0),
+        })
+    }
+
+    /// The table for one request; holds it alive until the request no longer needs it.
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+        self.table.load()
+    }
+
+    pub fn current(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// Publishes a validated snapshot; requests already routed keep the table they loaded.
+    pub fn apply(&self, snapshot: Snapshot) {
+        let version = snapshot.version;
+        let table = self.compiler.compile(snapshot);
+        self.table.store(Arc::new(table));
+        ::metrics::gauge!(metrics::SNAPSHOT_VERSION).set(version as f64);
+        ::metrics::counter!(metrics::SNAPSHOT_APPLIED).increment(1);
+        self.version_tx.send_replace(version);
+    }
+
+    /// Records that a candidate snapshot was refused; the table in force is untouched.
+    pub fn reject(&self) {
+        ::metrics::counter!(metrics::SNAPSHOT_REJECTIONS).increment(1);
+        self.rejections_tx.send_modify(|n| *n += 1);
+    }
+
+    pub fn versions(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+
+    pub fn rejections(&self) -> watch::Receiver<u64> {
+        self.rejections_tx.subscribe()
+    }
+}
