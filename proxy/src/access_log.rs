@@ -81,7 +81,7 @@ impl AccessRecord {
         if !self.log {
             return;
         }
-        let duration_ms = elapsed.as_secs_f64() * 1e3;
+        let duration_ms = elapsed.as_micros() as f64 / 1e3;
         let path = self.uri.path();
         match error {
             None => tracing::info!(

@@ -80,13 +80,14 @@ fn describe() {
     describe_gauge!(UPSTREAM_READY, "1 when the local app answers TCP connects.");
 }
 
-/// Counters for one (direction, target) pair, registered when a snapshot is compiled.
+/// Counters for one (direction, target) pair. Label sets are registered on first use, so a
+/// target exports only the statuses it has seen; later uses are one atomic add.
 #[derive(Debug)]
 pub struct TargetMetrics {
     pub target: Arc<str>,
     labels: Vec<Label>,
-    status: [Counter; COMMON_STATUS.len()],
-    errors: [Counter; ERROR_KINDS.len()],
+    status: [OnceLock<Counter>; COMMON_STATUS.len()],
+    errors: [OnceLock<Counter>; ERROR_KINDS.len()],
     duration: Histogram,
     inflight: Gauge,
 }
@@ -99,32 +100,32 @@ impl TargetMetrics {
             Label::new("target", target.to_owned()),
             Label::new("phase", phase.to_owned()),
         ];
-        let with = |k: &'static str, v: &'static str| {
-            let mut l = labels.clone();
-            l.push(Label::new(k, v));
-            l
-        };
-        let status = COMMON_STATUS.map(|code| {
-            metrics::counter!(REQUESTS_TOTAL, with("status", status_str(code)))
-        });
-        let errors = ERROR_KINDS.map(|kind| metrics::counter!(ERRORS_TOTAL, with("kind", kind)));
         Arc::new(Self {
             target: target.into(),
             duration: metrics::histogram!(REQUEST_DURATION, labels.clone()),
             inflight: metrics::gauge!(INFLIGHT, labels.clone()),
             labels,
-            status,
-            errors,
+            status: Default::default(),
+            errors: Default::default(),
         })
+    }
+
+    fn with(&self, key: &'static str, value: impl Into<metrics::SharedString>) -> Vec<Label> {
+        let mut l = self.labels.clone();
+        l.push(Label::new(key, value));
+        l
     }
 
     pub fn response(&self, status: u16, seconds: f64) {
         match COMMON_STATUS.iter().position(|&c| c == status) {
-            Some(i) => self.status[i].increment(1),
+            Some(i) => self.status[i]
+                .get_or_init(|| {
+                    metrics::counter!(REQUESTS_TOTAL, self.with("status", status_str(status)))
+                })
+                .increment(1),
             None => {
-                let mut l = self.labels.clone();
-                l.push(Label::new("status", status.to_string()));
-                metrics::counter!(REQUESTS_TOTAL, l).increment(1);
+                metrics::counter!(REQUESTS_TOTAL, self.with("status", status.to_string()))
+                    .increment(1)
             }
         }
         self.duration.record(seconds);
@@ -132,7 +133,9 @@ impl TargetMetrics {
 
     pub fn error(&self, kind: &'static str) {
         if let Some(i) = ERROR_KINDS.iter().position(|&k| k == kind) {
-            self.errors[i].increment(1);
+            self.errors[i]
+                .get_or_init(|| metrics::counter!(ERRORS_TOTAL, self.with("kind", kind)))
+                .increment(1);
         }
     }
 
