@@ -44,7 +44,11 @@ pub struct Service {
     pub protocol: Protocol,
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
-    #[serde(with = "humantime_serde", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
 }
 
@@ -69,7 +73,11 @@ pub struct RouteRule {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     pub backend: String,
-    #[serde(with = "humantime_serde", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
 }
 
@@ -234,9 +242,7 @@ fn check_name(name: &str) -> Result<(), String> {
 fn http_header_name_invalid(name: &str) -> bool {
     name.is_empty()
         || !name.bytes().all(|b| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || b"!#$%&'*+-.^_`|~".contains(&b)
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
         })
 }
 
@@ -278,6 +284,9 @@ mod tests {
             ..Default::default()
         };
         let err = snap.validate().unwrap_err();
-        assert_eq!(err.to_string(), "routes[0].backend: unknown service \"missing\"");
+        assert_eq!(
+            err.to_string(),
+            "routes[0].backend: unknown service \"missing\""
+        );
     }
 }

@@ -71,7 +71,10 @@ fn describe() {
     describe_counter!(ERRORS_TOTAL, "Requests that failed, by kind.");
     describe_gauge!(INFLIGHT, "Requests in flight.");
     describe_counter!(CONNECTIONS_TOTAL, "Connections accepted, by listener.");
-    describe_counter!(PROTOCOL_ERRORS, "Connections closed for bad protocol input.");
+    describe_counter!(
+        PROTOCOL_ERRORS,
+        "Connections closed for bad protocol input."
+    );
     describe_gauge!(SNAPSHOT_VERSION, "Version of the snapshot in force.");
     describe_counter!(SNAPSHOT_APPLIED, "Snapshots applied.");
     describe_counter!(SNAPSHOT_REJECTIONS, "Snapshots rejected as invalid.");
@@ -123,10 +126,8 @@ impl TargetMetrics {
                     metrics::counter!(REQUESTS_TOTAL, self.with("status", status_str(status)))
                 })
                 .increment(1),
-            None => {
-                metrics::counter!(REQUESTS_TOTAL, self.with("status", status.to_string()))
-                    .increment(1)
-            }
+            None => metrics::counter!(REQUESTS_TOTAL, self.with("status", status.to_string()))
+                .increment(1),
         }
         self.duration.record(seconds);
     }
