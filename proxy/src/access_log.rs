@@ -3,15 +3,18 @@
 
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
+use crate::log::json_str;
 use crate::metrics::TargetMetrics;
 use crate::state::Route;
 use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use std::cell::RefCell;
 use std::convert::Infallible;
+use std::io::Write;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 /// What is known about a request until it is accounted for. Dropping an unfinished record
 /// accounts the request as reset by the caller.
@@ -25,6 +28,8 @@ pub struct AccessRecord {
     version: Version,
     status: u16,
     error: Option<&'static str>,
+    /// The failure in words, for lines about requests the proxy answered itself.
+    detail: Option<String>,
     log: bool,
     done: bool,
 }
@@ -46,14 +51,22 @@ impl AccessRecord {
             version: req.version(),
             status: 0,
             error: None,
-            log,
+            detail: None,
+            log: log && crate::log::access_enabled(),
             done: false,
         }
     }
 
-    pub fn set_response(&mut self, status: u16, error: Option<&'static str>) {
+    pub fn set_response(&mut self, status: u16) {
         self.status = status;
-        self.error = error;
+    }
+
+    pub fn set_error(&mut self, status: u16, err: &ProxyError) {
+        self.status = status;
+        self.error = Some(err.kind());
+        if self.log {
+            self.detail = Some(err.to_string());
+        }
     }
 
     /// The response body ended (or failed with `error`) after `bytes` bytes.
@@ -78,35 +91,62 @@ impl AccessRecord {
         } else if self.status >= 500 {
             m.error("upstream_status");
         }
-        if !self.log {
-            return;
+        if self.log {
+            self.write_line(elapsed, bytes, error);
         }
-        let duration_ms = elapsed.as_micros() as f64 / 1e3;
-        let path = self.uri.path();
-        match error {
-            None => tracing::info!(
-                target: "access",
-                direction = self.direction,
-                target_service = &*m.target,
-                method = %self.method,
-                path,
-                version = ?self.version,
-                status = self.status,
-                duration_ms,
-                bytes,
-            ),
-            Some(error) => tracing::info!(
-                target: "access",
-                direction = self.direction,
-                target_service = &*m.target,
-                method = %self.method,
-                path,
-                version = ?self.version,
-                status = self.status,
-                duration_ms,
-                bytes,
-                error,
-            ),
+    }
+
+    /// `{"timestamp":..,"level":"INFO","target":"access",..}`, the shape of the other log lines.
+    fn write_line(&self, elapsed: Duration, bytes: u64, error: Option<&'static str>) {
+        thread_local! {
+            static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+        }
+        LINE.with_borrow_mut(|out| {
+            out.clear();
+            self.format_line(out, elapsed, bytes, error);
+            crate::log::write_access(out);
+        });
+    }
+
+    fn format_line(
+        &self,
+        out: &mut Vec<u8>,
+        elapsed: Duration,
+        bytes: u64,
+        error: Option<&'static str>,
+    ) {
+        {
+            let now = humantime::format_rfc3339_micros(SystemTime::now());
+            let _ = write!(
+                out,
+                "{{\"timestamp\":\"{now}\",\"level\":\"INFO\",\"target\":\"access\""
+            );
+            let _ = write!(
+                out,
+                ",\"direction\":\"{}\",\"target_service\":",
+                self.direction
+            );
+            json_str(out, &self.metrics.target);
+            out.extend_from_slice(b",\"method\":");
+            json_str(out, self.method.as_str());
+            out.extend_from_slice(b",\"path\":");
+            json_str(out, self.uri.path());
+            let _ = write!(
+                out,
+                ",\"version\":\"{:?}\",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{}",
+                self.version,
+                self.status,
+                elapsed.as_secs_f64() * 1e3,
+                bytes
+            );
+            if let Some(kind) = error {
+                let _ = write!(out, ",\"error\":\"{kind}\"");
+            }
+            if let Some(detail) = &self.detail {
+                out.extend_from_slice(b",\"detail\":");
+                json_str(out, detail);
+            }
+            out.extend_from_slice(b"}\n");
         }
     }
 }
@@ -184,13 +224,12 @@ where
         Box::pin(async move {
             let mut rsp = match fut.await {
                 Ok(rsp) => {
-                    record.set_response(rsp.status().as_u16(), None);
+                    record.set_response(rsp.status().as_u16());
                     rsp
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "request failed");
                     let rsp = e.to_response();
-                    record.set_response(rsp.status().as_u16(), Some(e.kind()));
+                    record.set_error(rsp.status().as_u16(), &e);
                     rsp
                 }
             };
@@ -209,11 +248,40 @@ pub fn reject<B>(
     log: bool,
 ) -> Response<ProxyBody> {
     let mut record = AccessRecord::start(direction, metrics, req, log);
-    if log {
-        tracing::warn!(error = %err, "request rejected");
-    }
     let mut rsp = err.to_response();
-    record.set_response(rsp.status().as_u16(), Some(err.kind()));
+    record.set_error(rsp.status().as_u16(), &err);
     rsp.body_mut().attach_record(record);
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_line_is_one_json_object() {
+        let metrics = TargetMetrics::new("outbound", "a", "critical", "b");
+        let req = Request::get("/v1/x?q=1").body(()).unwrap();
+        let mut record = AccessRecord::start("outbound", metrics, &req, true);
+        record.log = true;
+        record.set_error(
+            503,
+            &ProxyError::NoRoute {
+                target: "c\"d".into(),
+            },
+        );
+        let mut out = Vec::new();
+        record.format_line(&mut out, Duration::from_micros(1500), 73, record.error);
+        record.done = true;
+        assert_eq!(out.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["target"], "access");
+        assert_eq!(v["target_service"], "b");
+        assert_eq!(v["path"], "/v1/x");
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["duration_ms"], 1.5);
+        assert_eq!(v["bytes"], 73);
+        assert_eq!(v["error"], "no_route");
+        assert_eq!(v["detail"], "no route to \"c\\\"d\"");
+    }
 }

@@ -206,6 +206,7 @@ async fn upkeep(
     loop {
         prometheus.run_upkeep();
         metrics::record_rss();
+        metrics::record_log_drops();
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = crate::drain::stopped(&mut stop) => return,

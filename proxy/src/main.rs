@@ -55,19 +55,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(boot: Bootstrap) -> ExitCode {
+    // Handlers first: a SIGTERM that arrives while the proxy starts must drain, not kill.
+    let mut signals = match Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
     let running = match app::start(boot).await {
         Ok(running) => running,
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             eprintln!("mesh-proxy: {e}");
             return ExitCode::from(2);
-        }
-    };
-    let mut signals = match Signals::new() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot install signal handlers");
-            return ExitCode::FAILURE;
         }
     };
     let first = signals.next().await;

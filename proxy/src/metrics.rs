@@ -17,6 +17,7 @@ pub const SNAPSHOT_REJECTIONS: &str = "agent_snapshot_rejections_total";
 pub const INBOUND_QUEUE_DEPTH: &str = "agent_inbound_queue_depth";
 pub const RESOURCE_USAGE: &str = "agent_resource_usage_bytes";
 pub const UPSTREAM_READY: &str = "agent_upstream_ready";
+pub const LOG_LINES_DROPPED: &str = "agent_log_lines_dropped_total";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -81,6 +82,10 @@ fn describe() {
     describe_gauge!(INBOUND_QUEUE_DEPTH, "Requests waiting for an inbound slot.");
     describe_gauge!(RESOURCE_USAGE, Unit::Bytes, "Resident memory of the proxy.");
     describe_gauge!(UPSTREAM_READY, "1 when the local app answers TCP connects.");
+    describe_counter!(
+        LOG_LINES_DROPPED,
+        "Log lines dropped because the writer thread fell behind."
+    );
 }
 
 /// Counters for one (direction, target) pair. Label sets are registered on first use, so a
@@ -178,6 +183,13 @@ fn status_str(code: u16) -> &'static str {
 
 pub fn protocol_error(kind: &'static str) {
     metrics::counter!(PROTOCOL_ERRORS, "kind" => kind).increment(1);
+}
+
+/// Publishes how many log lines the writer thread had to drop.
+pub fn record_log_drops() {
+    if let Some(dropped) = crate::log::dropped_lines() {
+        metrics::counter!(LOG_LINES_DROPPED).absolute(dropped.dropped_lines() as u64);
+    }
 }
 
 /// Resident set size from /proc, for `agent_resource_usage_bytes`.
