@@ -26,18 +26,17 @@ use tower::ServiceBuilder;
 
 pub use route::CALLER_HEADER;
 
-/// Builds the outbound service shared by every outbound connection.
-pub fn stack(
-    boot: &Bootstrap,
-    state: Arc<State>,
-    pools: Arc<pool::Pools>,
-) -> route::RouteService<
+/// The outbound service, outermost layer first.
+pub type Stack = route::RouteService<
     crate::access_log::AccessLog<
         deadline::SetDeadline<
             timeout::Timeout<retry::Retry<breaker::CircuitBreaker<forward::Forward>>>,
         >,
     >,
-> {
+>;
+
+/// Builds the outbound service shared by every outbound connection.
+pub fn stack(boot: &Bootstrap, state: Arc<State>, pools: Arc<pool::Pools>) -> Stack {
     let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
     ServiceBuilder::new()
         .layer(route::RouteLayer::new(
