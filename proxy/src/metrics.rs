@@ -115,9 +115,8 @@ fn describe() {
 pub struct TargetMetrics {
     pub target: Arc<str>,
     labels: Vec<Label>,
-    status: [OnceLock<Counter>; COMMON_STATUS.len()],
+    status: [OnceLock<(Counter, Histogram)>; COMMON_STATUS.len()],
     errors: [OnceLock<Counter>; ERROR_KINDS.len()],
-    duration: Histogram,
     inflight: Gauge,
 }
 
@@ -131,7 +130,6 @@ impl TargetMetrics {
         ];
         Arc::new(Self {
             target: target.into(),
-            duration: metrics::histogram!(REQUEST_DURATION, labels.clone()),
             inflight: metrics::gauge!(INFLIGHT, labels.clone()),
             labels,
             status: Default::default(),
@@ -147,15 +145,23 @@ impl TargetMetrics {
 
     pub fn response(&self, status: u16, seconds: f64) {
         match COMMON_STATUS.iter().position(|&c| c == status) {
-            Some(i) => self.status[i]
-                .get_or_init(|| {
-                    metrics::counter!(REQUESTS_TOTAL, self.with("status", status_str(status)))
-                })
-                .increment(1),
-            None => metrics::counter!(REQUESTS_TOTAL, self.with("status", status.to_string()))
-                .increment(1),
+            Some(i) => {
+                let (count, duration) = self.status[i].get_or_init(|| {
+                    let labels = self.with("status", status_str(status));
+                    (
+                        metrics::counter!(REQUESTS_TOTAL, labels.clone()),
+                        metrics::histogram!(REQUEST_DURATION, labels),
+                    )
+                });
+                count.increment(1);
+                duration.record(seconds);
+            }
+            None => {
+                let labels = self.with("status", status.to_string());
+                metrics::counter!(REQUESTS_TOTAL, labels.clone()).increment(1);
+                metrics::histogram!(REQUEST_DURATION, labels).record(seconds);
+            }
         }
-        self.duration.record(seconds);
     }
 
     pub fn error(&self, kind: &'static str) {
