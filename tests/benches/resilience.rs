@@ -48,7 +48,10 @@ async fn main() {
 
     // Warm up both paths.
     for name in ["plain", "guarded"].iter().cycle().take(2_000) {
-        let req = c.request(Method::GET, name, "/").body(mesh_tests::body::empty()).unwrap();
+        let req = c
+            .request(Method::GET, name, "/")
+            .body(mesh_tests::body::empty())
+            .unwrap();
         conn.send(req).await;
     }
 
@@ -59,8 +62,15 @@ async fn main() {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for i in 0..(RATE * SECONDS) as usize {
         tick.tick().await;
-        let (k, name) = if i % 2 == 0 { (0, "plain") } else { (1, "guarded") };
-        let req = c.request(Method::GET, name, "/").body(mesh_tests::body::empty()).unwrap();
+        let (k, name) = if i % 2 == 0 {
+            (0, "plain")
+        } else {
+            (1, "guarded")
+        };
+        let req = c
+            .request(Method::GET, name, "/")
+            .body(mesh_tests::body::empty())
+            .unwrap();
         let t = Instant::now();
         let reply = conn.send(req).await;
         lat[k].push(t.elapsed());
@@ -71,7 +81,10 @@ async fn main() {
     }
     let (p50a, p99a) = (pct(&lat[0], 0.5), pct(&lat[0], 0.99));
     let (p50b, p99b) = (pct(&lat[1], 0.5), pct(&lat[1], 0.99));
-    println!("overhead at {RATE} req/s, {SECONDS} s, {} requests each:", lat[0].len());
+    println!(
+        "overhead at {RATE} req/s, {SECONDS} s, {} requests each:",
+        lat[0].len()
+    );
     println!("  resilience off (baseline): p50 {p50a:?}  p99 {p99a:?}");
     println!("  resilience defaults:       p50 {p50b:?}  p99 {p99b:?}");
     println!(
@@ -82,7 +95,11 @@ async fn main() {
 
     // Breaker timing.
     flaky.set_failing(true);
-    let get = |c: &client::Client| c.request(Method::GET, "flaky", "/").body(mesh_tests::body::empty()).unwrap();
+    let get = |c: &client::Client| {
+        c.request(Method::GET, "flaky", "/")
+            .body(mesh_tests::body::empty())
+            .unwrap()
+    };
     let mut threshold_at = Instant::now();
     for _ in 0..5 {
         let reply = conn.send(get(&c)).await;
