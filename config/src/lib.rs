@@ -3,8 +3,10 @@
 
 pub mod load;
 pub mod phase;
+pub mod resilience;
 pub mod snapshot;
 
 pub use load::LoadError;
 pub use phase::Phase;
+pub use resilience::Resilience;
 pub use snapshot::{Defaults, Protocol, RouteRule, Service, Snapshot};

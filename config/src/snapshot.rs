@@ -1,6 +1,7 @@
 //! The dynamic configuration a sidecar runs with: services, their endpoints, route rules and
 //! defaults. A snapshot is immutable once built and is replaced as a whole.
 
+use crate::resilience::Resilience;
 use crate::Phase;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -31,6 +32,9 @@ pub struct Snapshot {
 pub struct Defaults {
     #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
+    /// Mesh-wide resilience policies; a service overrides each one.
+    #[serde(default)]
+    pub resilience: Resilience,
 }
 
 /// A named target: where an agent's requests for `name` go.
@@ -50,6 +54,8 @@ pub struct Service {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub resilience: Resilience,
 }
 
 /// The protocol the sidecar speaks to a service's endpoints.
@@ -112,6 +118,12 @@ impl fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
+impl Invalid {
+    pub fn new(path: Vec<PathSeg>, reason: impl Into<String>) -> Self {
+        invalid(path, reason)
+    }
+}
+
 fn default_timeout() -> Duration {
     DEFAULT_TIMEOUT
 }
@@ -126,6 +138,7 @@ impl Default for Defaults {
     fn default() -> Self {
         Self {
             timeout: DEFAULT_TIMEOUT,
+            resilience: Resilience::default(),
         }
     }
 }
@@ -142,6 +155,11 @@ impl Snapshot {
                 "must be greater than zero",
             ));
         }
+        let known: HashSet<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+        let exists = |name: &str| known.contains(name);
+        self.defaults
+            .resilience
+            .validate(&[Key("defaults"), Key("resilience")], None, &exists)?;
         let mut names = HashSet::with_capacity(self.services.len());
         for (i, svc) in self.services.iter().enumerate() {
             let at = |k| vec![Key("services"), Index(i), Key(k)];
@@ -163,6 +181,11 @@ impl Snapshot {
                     return Err(invalid(at("endpoints"), format!("duplicate endpoint {ep}")));
                 }
             }
+            svc.resilience.validate(
+                &[Key("services"), Index(i), Key("resilience")],
+                Some(&svc.name),
+                &exists,
+            )?;
         }
         for (i, rule) in self.routes.iter().enumerate() {
             let at = |k| vec![Key("routes"), Index(i), Key(k)];

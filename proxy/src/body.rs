@@ -39,6 +39,10 @@ impl ProxyBody {
         Self::new(Inner::Local(Full::new(Bytes::from(text))))
     }
 
+    pub fn bytes(bytes: Bytes) -> Self {
+        Self::new(Inner::Local(Full::new(bytes)))
+    }
+
     pub fn text(text: &'static str) -> Self {
         Self::new(Inner::Local(Full::new(Bytes::from_static(text.as_bytes()))))
     }

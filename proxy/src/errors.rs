@@ -28,6 +28,13 @@ pub enum ProxyError {
     },
     #[error("proxy is draining")]
     Draining,
+    #[error("circuit breaker for {target} is open")]
+    BreakerOpen {
+        target: String,
+        retry_after: Duration,
+    },
+    #[error("request body for {target} could not be read: {reason}")]
+    RequestBody { target: String, reason: String },
 }
 
 impl ProxyError {
@@ -42,6 +49,8 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::Draining => "draining",
+            ProxyError::BreakerOpen { .. } => "breaker_open",
+            ProxyError::RequestBody { .. } => "request_body",
         }
     }
 
@@ -50,7 +59,8 @@ impl ProxyError {
             ProxyError::NoRoute { .. } | ProxyError::NoEndpoints { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::NoAuthority => StatusCode::BAD_REQUEST,
+            ProxyError::NoAuthority | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unavailable { .. } | ProxyError::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -66,7 +76,9 @@ impl ProxyError {
             | ProxyError::Unavailable { target, .. }
             | ProxyError::UpstreamFailed { target, .. }
             | ProxyError::Timeout { target, .. }
-            | ProxyError::Overloaded { target, .. } => Some(target),
+            | ProxyError::Overloaded { target, .. }
+            | ProxyError::BreakerOpen { target, .. }
+            | ProxyError::RequestBody { target, .. } => Some(target),
             ProxyError::NoAuthority | ProxyError::Draining => None,
         }
     }
@@ -83,6 +95,9 @@ impl ProxyError {
         if let ProxyError::Timeout { timeout, .. } = self {
             body["timeout_ms"] = (timeout.as_millis() as u64).into();
         }
+        if let ProxyError::BreakerOpen { target, .. } = self {
+            body["breaker"] = serde_json::json!({ "target": target, "state": "open" });
+        }
         let mut rsp = Response::new(ProxyBody::json(body.to_string()));
         *rsp.status_mut() = self.status();
         rsp.headers_mut().insert(
@@ -91,6 +106,9 @@ impl ProxyError {
         );
         let retry_after = match self {
             ProxyError::Overloaded { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            ProxyError::BreakerOpen { retry_after, .. } => {
+                Some(retry_after.as_millis().div_ceil(1000).max(1) as u64)
+            }
             ProxyError::NoEndpoints { .. } | ProxyError::Draining => Some(1),
             _ => None,
         };

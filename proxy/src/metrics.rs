@@ -18,6 +18,12 @@ pub const INBOUND_QUEUE_DEPTH: &str = "agent_inbound_queue_depth";
 pub const RESOURCE_USAGE: &str = "agent_resource_usage_bytes";
 pub const UPSTREAM_READY: &str = "agent_upstream_ready";
 pub const LOG_LINES_DROPPED: &str = "agent_log_lines_dropped_total";
+pub const BREAKER_STATE: &str = "agent_circuit_breaker_state";
+pub const BREAKER_TRANSITIONS: &str = "agent_circuit_breaker_transitions_total";
+pub const BREAKER_SHORT_CIRCUITS: &str = "agent_circuit_breaker_short_circuits_total";
+pub const RETRIES_TOTAL: &str = "agent_retries_total";
+pub const RETRY_BUDGET_EXHAUSTED: &str = "agent_retry_budget_exhausted_total";
+pub const EJECTIONS_TOTAL: &str = "agent_endpoint_ejections_total";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -30,7 +36,7 @@ const COMMON_STATUS: [u16; 19] = [
 ];
 
 /// Error kinds counted in `agent_errors_total{kind}`: a closed set.
-pub const ERROR_KINDS: [&str; 11] = [
+pub const ERROR_KINDS: [&str; 13] = [
     "no_route",
     "no_authority",
     "no_endpoints",
@@ -42,6 +48,8 @@ pub const ERROR_KINDS: [&str; 11] = [
     "client_reset",
     "upstream_reset",
     "upstream_status",
+    "breaker_open",
+    "request_body",
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -86,6 +94,24 @@ fn describe() {
         LOG_LINES_DROPPED,
         "Log lines dropped because the writer thread fell behind."
     );
+    describe_gauge!(
+        BREAKER_STATE,
+        "Circuit breaker state by target and endpoint (empty for the target's own): 0 closed, 1 open, 2 half-open."
+    );
+    describe_counter!(
+        BREAKER_TRANSITIONS,
+        "Circuit breaker transitions, by the state entered."
+    );
+    describe_counter!(
+        BREAKER_SHORT_CIRCUITS,
+        "Requests answered by a fallback while a breaker was open."
+    );
+    describe_counter!(RETRIES_TOTAL, "Retry attempts sent.");
+    describe_counter!(
+        RETRY_BUDGET_EXHAUSTED,
+        "Retries not sent because the target's budget was spent."
+    );
+    describe_counter!(EJECTIONS_TOTAL, "Endpoints ejected from balancing.");
 }
 
 /// Counters for one (direction, target) pair. Label sets are registered on first use, so a

@@ -3,6 +3,8 @@
 
 use crate::metrics::{self, TargetMetrics};
 use crate::outbound::balance::{Endpoint, EndpointSet};
+use crate::outbound::breaker::machine::Breaker;
+use crate::outbound::resilience::{Memory, Policies};
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
 use mesh_config::{Phase, Protocol, Snapshot};
@@ -21,6 +23,7 @@ pub struct Backend {
     pub timeout: Duration,
     pub endpoints: EndpointSet,
     pub metrics: Arc<TargetMetrics>,
+    pub resilience: Policies,
 }
 
 /// An explicit route rule, ready to match.
@@ -53,6 +56,11 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn version(&self) -> u64 {
         self.snapshot.version
+    }
+
+    /// A target by its (normalized) name.
+    pub fn backend(&self, name: &str) -> Option<&Arc<Backend>> {
+        self.by_name.get(name)
     }
 
     /// Finds the route for a request to `name` (already normalized).
@@ -94,6 +102,7 @@ pub struct Compiler {
     agent: String,
     phase: Phase,
     endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    resilience: Mutex<Memory>,
 }
 
 impl Compiler {
@@ -102,6 +111,7 @@ impl Compiler {
             agent: agent.to_owned(),
             phase,
             endpoints: Mutex::new(HashMap::new()),
+            resilience: Mutex::new(Memory::default()),
         }
     }
 
@@ -110,32 +120,50 @@ impl Compiler {
         let phase = self.phase.as_str();
         let mut known = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
         let mut live = HashMap::with_capacity(known.len());
+        let mut memory = self.resilience.lock().unwrap_or_else(|e| e.into_inner());
         let mut by_name = HashMap::with_capacity(snapshot.services.len());
         for svc in &snapshot.services {
+            let name: Arc<str> = svc.name.as_str().into();
+            let resolved = svc.resilience.resolve(&snapshot.defaults.resilience);
+            let policies = memory.compile(&name, &resolved);
             let endpoints = svc
                 .endpoints
                 .iter()
                 .map(|addr| {
+                    // An endpoint keeps its statistics and breaker while its breaker's
+                    // parameters stay the same.
                     let ep = known
                         .get(addr)
+                        .filter(|ep| {
+                            ep.breaker.as_ref().map(|b| *b.params()) == policies.endpoint_breaker
+                        })
                         .cloned()
-                        .unwrap_or_else(|| Arc::new(Endpoint::new(*addr)));
+                        .unwrap_or_else(|| {
+                            let breaker = policies
+                                .endpoint_breaker
+                                .map(|p| Breaker::new(p, &svc.name, &addr.to_string()));
+                            Arc::new(Endpoint::with_breaker(*addr, breaker))
+                        });
                     live.insert(*addr, ep.clone());
                     ep
                 })
                 .collect();
+            memory.keep(&name, &policies);
             let backend = Arc::new(Backend {
-                name: svc.name.as_str().into(),
+                name,
                 phase: svc.phase,
                 protocol: svc.protocol,
                 timeout: svc.timeout.unwrap_or(snapshot.defaults.timeout),
-                endpoints: EndpointSet::new(endpoints),
+                endpoints: EndpointSet::new(endpoints).with_ejection(policies.ejection),
                 metrics: TargetMetrics::new("outbound", &self.agent, phase, &svc.name),
+                resilience: policies,
             });
             by_name.insert(Box::<str>::from(svc.name.as_str()), backend);
         }
         *known = live;
         drop(known);
+        memory.retain(&|name| by_name.contains_key(name));
+        drop(memory);
 
         let mut rules: HashMap<Box<str>, Vec<Rule>> = HashMap::new();
         for rule in &snapshot.routes {

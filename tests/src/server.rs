@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -74,6 +75,7 @@ pub struct Builder {
     label: String,
     delay: Option<Duration>,
     hold: bool,
+    fail_first: u64,
 }
 
 /// A running fake upstream.
@@ -111,6 +113,12 @@ struct State {
     streams: mpsc::UnboundedSender<BodySender>,
     /// The `host` header (or authority) of every request, in arrival order.
     hosts: Mutex<Vec<String>>,
+    /// Requests still to be failed with 503 ([`Builder::fail_first`]).
+    fail_left: AtomicU64,
+    /// Fail every request with 503 while set ([`Server::set_failing`]).
+    failing: AtomicBool,
+    /// The method of every request, in arrival order.
+    methods: Mutex<Vec<String>>,
 }
 
 // === impl Builder ===
@@ -122,6 +130,7 @@ impl Builder {
             label: "upstream".to_owned(),
             delay: None,
             hold: false,
+            fail_first: 0,
         }
     }
 
@@ -134,6 +143,12 @@ impl Builder {
     /// Waits this long before each response: the upstream's own latency, part of the scenario.
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+
+    /// Answers the first `n` requests with 503 (`x-served-by` still set), then as usual.
+    pub fn fail_first(mut self, n: u64) -> Self {
+        self.fail_first = n;
         self
     }
 
@@ -158,6 +173,9 @@ impl Builder {
             arrived: watch::Sender::new(0),
             streams: streams_tx,
             hosts: Mutex::new(Vec::new()),
+            fail_left: AtomicU64::new(self.fail_first),
+            failing: AtomicBool::new(false),
+            methods: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         Server {
@@ -198,6 +216,16 @@ impl Server {
     /// The `host` header (or the h2 authority when there is none) of each request so far.
     pub fn hosts(&self) -> Vec<String> {
         self.state.hosts.lock().expect("hosts lock").clone()
+    }
+
+    /// The method of each request so far.
+    pub fn methods(&self) -> Vec<String> {
+        self.state.methods.lock().expect("methods lock").clone()
+    }
+
+    /// While `on`, every request gets 503: an upstream that is down, then recovers.
+    pub fn set_failing(&self, on: bool) {
+        self.state.failing.store(on, Ordering::SeqCst);
     }
 
     /// Lets `n` held responses go (see [`Builder::hold`]).
@@ -264,7 +292,28 @@ async fn handle(
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
     state.hosts.lock().expect("hosts lock").push(host.clone());
+    state
+        .methods
+        .lock()
+        .expect("methods lock")
+        .push(req.method().to_string());
     state.arrived.send_modify(|n| *n += 1);
+
+    let fail_now = state.failing.load(Ordering::SeqCst)
+        || state
+            .fail_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    if fail_now {
+        drain(req).await;
+        let mut rsp = Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(body::full("failing on cue"))
+            .expect("valid response");
+        rsp.headers_mut()
+            .insert(HeaderName::from_static(SERVED_BY), state.label.clone());
+        return Ok(rsp);
+    }
 
     // An upgrade must be taken from the request before the 101 is answered.
     let on_upgrade = matches!(state.kind, Kind::UpgradeEcho).then(|| hyper::upgrade::on(&mut req));

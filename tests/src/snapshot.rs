@@ -28,6 +28,8 @@ pub struct ServiceToml {
     protocol: &'static str,
     endpoints: Vec<SocketAddr>,
     timeout: Option<String>,
+    /// `policy = inline table` lines of `[services.resilience]`, e.g. `("retry", "{ max_attempts = 1 }")`.
+    resilience: Vec<(String, String)>,
 }
 
 /// One `[[routes]]` entry.
@@ -57,6 +59,7 @@ pub fn service(name: &str) -> ServiceToml {
         protocol: "http1",
         endpoints: Vec::new(),
         timeout: None,
+        resilience: Vec::new(),
     }
 }
 
@@ -108,6 +111,12 @@ impl SnapshotToml {
             if let Some(t) = &s.timeout {
                 let _ = writeln!(out, "timeout = {}", quote(t));
             }
+            if !s.resilience.is_empty() {
+                let _ = writeln!(out, "[services.resilience]");
+                for (policy, table) in &s.resilience {
+                    let _ = writeln!(out, "{policy} = {table}");
+                }
+            }
         }
         for r in &self.routes {
             let _ = write!(
@@ -156,6 +165,12 @@ impl ServiceToml {
 
     pub fn timeout(mut self, timeout: &str) -> Self {
         self.timeout = Some(timeout.to_owned());
+        self
+    }
+
+    /// Sets one resilience policy as a TOML inline table: `.policy("retry", "{ max_attempts = 1 }")`.
+    pub fn policy(mut self, policy: &str, table: &str) -> Self {
+        self.resilience.push((policy.to_owned(), table.to_owned()));
         self
     }
 }

@@ -1,18 +1,20 @@
 //! The inbound path: peers' calls to this sidecar's agent.
-//! `target (this agent) -> access log -> concurrency -> timeout -> forward to the local app`.
+//! `target (this agent) -> access log -> concurrency -> deadline -> timeout -> forward to the
+//! local app`. The deadline honours the budget a peer sidecar propagated (`x-mesh-timeout-ms`).
 
 pub mod concurrency;
 pub mod target;
 
 use crate::access_log::AccessLogLayer;
 use crate::bootstrap::Bootstrap;
+use crate::outbound::deadline::{DeadlineLayer, SetDeadline};
 use crate::outbound::{forward::Forward, pool::Pools, timeout::TimeoutLayer};
 use std::sync::Arc;
 use tower::ServiceBuilder;
 
 pub type Stack = target::LocalTarget<
     crate::access_log::AccessLog<
-        concurrency::ConcurrencyLimit<crate::outbound::timeout::Timeout<Forward>>,
+        concurrency::ConcurrencyLimit<SetDeadline<crate::outbound::timeout::Timeout<Forward>>>,
     >,
 >;
 
@@ -23,6 +25,7 @@ pub fn stack(boot: &Bootstrap, pools: Arc<Pools>) -> Stack {
         .layer(local)
         .layer(AccessLogLayer::new("inbound", fallback, boot.log.access))
         .layer(concurrency::ConcurrencyLayer::new(&boot.inbound))
+        .layer(DeadlineLayer)
         .layer(TimeoutLayer)
         .service(Forward::new(pools))
 }

@@ -1,10 +1,13 @@
 //! Endpoint selection: power of two choices over peak-EWMA latency weighted by requests in
-//! flight, as linkerd2-proxy and Finagle do. Lock-free: every statistic is an atomic, and a
+//! flight, as linkerd2-proxy and Finagle do, among endpoints that are neither ejected
+//! (`eject.rs`) nor behind an open breaker. Lock-free: every statistic is an atomic, and a
 //! lost race between two updates only makes an estimate slightly stale.
 
+use crate::outbound::breaker::machine::{Admit, Breaker, Class};
+use crate::outbound::eject;
 use http::uri::Authority;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,12 +27,25 @@ pub struct Endpoint {
     rtt_ns: AtomicU64,
     /// When `rtt_ns` was last updated, in nanoseconds since `epoch()`.
     stamp_ns: AtomicU64,
+    pub health: eject::Health,
+    /// This endpoint's own circuit breaker (outbound targets only).
+    pub breaker: Option<Breaker>,
 }
 
 /// The endpoints of one backend.
 #[derive(Debug)]
 pub struct EndpointSet {
     endpoints: Box<[Arc<Endpoint>]>,
+    ejection: Option<eject::Params>,
+    ejecting: AtomicBool,
+}
+
+/// An endpoint chosen for one attempt, with its breaker's admission.
+#[derive(Debug)]
+pub struct Picked {
+    pub index: usize,
+    pub endpoint: Arc<Endpoint>,
+    pub admit: Option<Admit>,
 }
 
 /// Marks a request in flight on an endpoint; records its latency when the response arrives.
@@ -52,7 +68,13 @@ fn nanos_since_epoch(t: Instant) -> u64 {
 
 impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
+        Self::with_breaker(addr, None)
+    }
+
+    pub fn with_breaker(addr: SocketAddr, breaker: Option<Breaker>) -> Self {
         Self {
+            health: eject::Health::default(),
+            breaker,
             addr,
             authority: Authority::try_from(addr.to_string().as_str())
                 .expect("a socket address is a valid authority"),
@@ -107,6 +129,111 @@ impl EndpointSet {
     pub fn new(endpoints: Vec<Arc<Endpoint>>) -> Self {
         Self {
             endpoints: endpoints.into_boxed_slice(),
+            ejection: None,
+            ejecting: AtomicBool::new(false),
+        }
+    }
+
+    /// Turns outlier ejection on for this set.
+    pub fn with_ejection(mut self, params: Option<eject::Params>) -> Self {
+        self.ejection = params;
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Picks for one attempt among usable endpoints, avoiding index `avoid` (the endpoint a
+    /// retry's previous attempt went to) when another is usable. `None` when every endpoint
+    /// is ejected or behind an open breaker.
+    pub fn pick_usable(&self, avoid: Option<usize>) -> Option<Picked> {
+        let n = self.endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let now_ms = self.ejection.map(|_| eject::now_ms());
+        let usable = |i: usize| -> Option<Option<Admit>> {
+            let ep = &self.endpoints[i];
+            if now_ms.is_some_and(|now| ep.health.is_ejected(now)) {
+                return None;
+            }
+            match &ep.breaker {
+                None => Some(None),
+                Some(b) => b.admit().map(Some),
+            }
+        };
+        let picked = |i: usize, admit| Picked {
+            index: i,
+            endpoint: self.endpoints[i].clone(),
+            admit,
+        };
+        // Two random candidates, neither of them the avoided endpoint when there is a choice.
+        let pool: usize = match avoid {
+            Some(a) if a < n && n > 1 => n - 1,
+            _ => n,
+        };
+        let skip = |i: usize| match avoid {
+            Some(a) if a < n && n > 1 && i >= a => i + 1,
+            _ => i,
+        };
+        let ka = fastrand::usize(..pool);
+        let b = (pool > 1).then(|| {
+            let mut kb = fastrand::usize(..pool - 1);
+            if kb >= ka {
+                kb += 1;
+            }
+            skip(kb)
+        });
+        let a = skip(ka);
+        let now = nanos_since_epoch(Instant::now());
+        match (usable(a), b.map(|b| (b, usable(b)))) {
+            (Some(aa), Some((b, Some(ab)))) => {
+                let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+                let (win, lose) = if ea.cost(now) <= eb.cost(now) {
+                    ((a, aa), (b, ab))
+                } else {
+                    ((b, ab), (a, aa))
+                };
+                // The loser's probe slot, if it took one, goes back to its breaker.
+                if let (Some(Admit::Probe), Some(breaker)) =
+                    (lose.1, &self.endpoints[lose.0].breaker)
+                {
+                    breaker.record(Admit::Probe, Class::Cancelled);
+                }
+                return Some(picked(win.0, win.1));
+            }
+            (Some(aa), _) => return Some(picked(a, aa)),
+            (None, Some((b, Some(ab)))) => return Some(picked(b, ab)),
+            _ => {}
+        }
+        // Both candidates unusable: take the first usable endpoint, the avoided one last.
+        let start = fastrand::usize(..n);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| Some(i) != avoid)
+            .chain(avoid.filter(|&a| a < n))
+            .find_map(|i| usable(i).map(|admit| picked(i, admit)))
+    }
+
+    /// Feeds an attempt's outcome to the endpoint's breaker and to ejection.
+    pub fn record(&self, picked: &Picked, class: Class, target: &str) {
+        if let (Some(admit), Some(b)) = (picked.admit, &picked.endpoint.breaker) {
+            b.record(admit, class);
+        }
+        let Some(params) = &self.ejection else { return };
+        let health = &picked.endpoint.health;
+        match class {
+            Class::Success => health.succeeded(params, eject::now_ms()),
+            Class::Failure => {
+                let set = self.endpoints.iter().map(|e| &e.health);
+                if let Some(interval) =
+                    eject::failed(set, health, &self.ejecting, params, eject::now_ms())
+                {
+                    eject::report(target, &picked.endpoint.addr, interval);
+                }
+            }
+            Class::Cancelled => {}
         }
     }
 

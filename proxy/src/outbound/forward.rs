@@ -1,20 +1,26 @@
 //! The last step: pick an endpoint, rewrite the request for it and send it on a pooled
-//! connection. HTTP/1.1 upgrades (WebSocket) are tunnelled byte for byte.
+//! connection. HTTP/1.1 upgrades (WebSocket) are tunnelled byte for byte. The attempt's outcome
+//! feeds the endpoint's breaker and outlier ejection.
 
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
-use crate::outbound::balance::InFlight;
+use crate::outbound::balance::{InFlight, Picked};
+use crate::outbound::breaker::{classify, machine::Class};
+use crate::outbound::deadline::Deadline;
 use crate::outbound::pool::Pools;
-use crate::state::Route;
+use crate::outbound::replay::RequestBody;
+use crate::outbound::retry::{Tried, TryDeadline};
+use crate::state::{Backend, Route};
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
 use http::{Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_config::Protocol;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tokio::time::Instant;
 
 /// Sends routed requests upstream. Expects a [`Route`] in the request extensions.
 #[derive(Clone, Debug)]
@@ -28,7 +34,41 @@ impl Forward {
     }
 }
 
-impl tower::Service<Request<Incoming>> for Forward {
+/// An attempt on one endpoint whose outcome has not been recorded. Dropped unanswered (a
+/// timeout above cancelled it), it counts as a failure once its deadline has passed.
+struct Attempt {
+    backend: Arc<Backend>,
+    picked: Picked,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl Attempt {
+    fn finish(&mut self, class: Class) {
+        self.done = true;
+        self.backend
+            .endpoints
+            .record(&self.picked, class, &self.backend.name);
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.done {
+            let timed_out = self.deadline.is_some_and(|d| d <= Instant::now());
+            self.finish(if timed_out {
+                Class::Failure
+            } else {
+                Class::Cancelled
+            });
+        }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for Forward
+where
+    B: Into<RequestBody>,
+{
     type Response = Response<ProxyBody>;
     type Error = ProxyError;
     type Future = BoxFuture<'static, Result<Response<ProxyBody>, ProxyError>>;
@@ -37,18 +77,41 @@ impl tower::Service<Request<Incoming>> for Forward {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let mut req = req.map(Into::into);
         let Some(route) = req.extensions_mut().remove::<Route>() else {
             return Box::pin(async { Err(ProxyError::NoAuthority) });
         };
         let backend = route.backend;
-        let Some(endpoint) = backend.endpoints.pick().cloned() else {
+        let tried = req.extensions_mut().remove::<Tried>();
+        let avoid = tried
+            .as_ref()
+            .map(|t| t.0.load(Relaxed))
+            .filter(|&i| i != usize::MAX);
+        let Some(picked) = backend.endpoints.pick_usable(avoid) else {
+            let target = backend.name.to_string();
             return Box::pin(async move {
-                Err(ProxyError::NoEndpoints {
-                    target: backend.name.to_string(),
+                Err(if backend.endpoints.is_empty() {
+                    ProxyError::NoEndpoints { target }
+                } else {
+                    // Every endpoint is ejected or behind an open breaker.
+                    ProxyError::BreakerOpen {
+                        target,
+                        retry_after: std::time::Duration::from_secs(1),
+                    }
                 })
             });
         };
+        if let Some(t) = &tried {
+            t.0.store(picked.index, Relaxed);
+        }
+        let per_try = req.extensions_mut().remove::<TryDeadline>().map(|d| d.0);
+        let overall = req.extensions_mut().remove::<Deadline>();
+        if let Some(d) = &overall {
+            d.propagate(req.headers_mut());
+        }
+        let deadline = per_try.into_iter().chain(overall.map(|d| d.at)).min();
+        let endpoint = picked.endpoint.clone();
 
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         // An upgrade needs an HTTP/1.1 connection whatever the backend prefers.
@@ -62,21 +125,38 @@ impl tower::Service<Request<Incoming>> for Forward {
         }
         let inflight = InFlight::start(endpoint);
         let sent = self.pools.client(protocol).request(req);
+        let failures = backend.resilience.failures;
+        let mut attempt = Attempt {
+            backend,
+            picked,
+            deadline,
+            done: false,
+        };
         Box::pin(async move {
             let mut rsp = match sent.await {
                 Ok(rsp) => {
                     inflight.responded();
+                    let class = if failures.contains(rsp.status().as_u16()) {
+                        Class::Failure
+                    } else {
+                        Class::Success
+                    };
+                    attempt.finish(class);
                     rsp
                 }
                 Err(e) => {
                     inflight.failed();
+                    let backend = &attempt.backend;
                     let target = backend.name.to_string();
                     let reason = error_chain(&e);
-                    return Err(if e.is_connect() {
+                    let err = if e.is_connect() {
                         ProxyError::Unavailable { target, reason }
                     } else {
                         ProxyError::UpstreamFailed { target, reason }
-                    });
+                    };
+                    let res = Err(err);
+                    attempt.finish(classify(&res, &failures));
+                    return res;
                 }
             };
             match upgrade {
@@ -118,8 +198,8 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// Points the request at the endpoint, keeping the caller's authority as `Host`.
-fn rewrite(
-    req: &mut Request<Incoming>,
+fn rewrite<B>(
+    req: &mut Request<B>,
     endpoint: &http::uri::Authority,
     protocol: Protocol,
     upgrade: bool,

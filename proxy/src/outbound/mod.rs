@@ -1,10 +1,19 @@
 //! The outbound path: an agent's calls to other agents, in the order a request meets them.
-//! `route -> access log -> timeout -> forward (balance, pool)`. Each policy is a tower layer in
-//! its own file; adding one is a file and a line in [`stack`].
+//! `route -> access log -> deadline -> timeout -> retry -> breaker (fallback) -> forward
+//! (balance with ejection, pool)`. Each policy is a tower layer in its own file; adding one is
+//! a file and a line in [`stack`].
 
 pub mod balance;
+pub mod breaker;
+pub mod classify;
+pub mod deadline;
+pub mod eject;
+pub mod fallback;
 pub mod forward;
 pub mod pool;
+pub mod replay;
+pub mod resilience;
+pub mod retry;
 pub mod route;
 pub mod timeout;
 
@@ -17,16 +26,28 @@ use tower::ServiceBuilder;
 
 pub use route::CALLER_HEADER;
 
+/// The outbound service, outermost layer first.
+pub type Stack = route::RouteService<
+    crate::access_log::AccessLog<
+        deadline::SetDeadline<
+            timeout::Timeout<retry::Retry<breaker::CircuitBreaker<forward::Forward>>>,
+        >,
+    >,
+>;
+
 /// Builds the outbound service shared by every outbound connection.
-pub fn stack(
-    boot: &Bootstrap,
-    state: Arc<State>,
-    pools: Arc<pool::Pools>,
-) -> route::RouteService<crate::access_log::AccessLog<timeout::Timeout<forward::Forward>>> {
+pub fn stack(boot: &Bootstrap, state: Arc<State>, pools: Arc<pool::Pools>) -> Stack {
     let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
     ServiceBuilder::new()
-        .layer(route::RouteLayer::new(&boot.agent, state, boot.log.access))
+        .layer(route::RouteLayer::new(
+            &boot.agent,
+            state.clone(),
+            boot.log.access,
+        ))
         .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
+        .layer(deadline::DeadlineLayer)
         .layer(timeout::TimeoutLayer)
+        .layer(retry::RetryLayer)
+        .layer(breaker::BreakerLayer::new(state))
         .service(forward::Forward::new(pools))
 }

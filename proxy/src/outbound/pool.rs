@@ -2,14 +2,14 @@
 //! client, each keeping idle connections per endpoint until they time out.
 
 use crate::bootstrap::Upstream;
-use hyper::body::Incoming;
+use crate::outbound::replay::RequestBody;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use mesh_config::Protocol;
 use std::time::Duration;
 
-pub type HttpClient = Client<HttpConnector, Incoming>;
+pub type HttpClient = Client<HttpConnector, RequestBody>;
 
 /// Shared by every request of a listener; cloning is cheap.
 #[derive(Clone, Debug)]
@@ -26,14 +26,18 @@ impl Pools {
         connector.set_keepalive(Some(Duration::from_secs(60)));
         connector.enforce_http(true);
 
+        // A request queued for a pooled connection that the peer closes (reset, GOAWAY)
+        // before the request went out is sent on a fresh connection instead of failing.
         let mut http1 = Client::builder(TokioExecutor::new());
         http1
+            .retry_canceled_requests(true)
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_endpoint)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new());
         let mut http2 = Client::builder(TokioExecutor::new());
         http2
+            .retry_canceled_requests(true)
             .http2_only(true)
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_timer(TokioTimer::new())

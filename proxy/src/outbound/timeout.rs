@@ -1,12 +1,13 @@
-//! Bounds the wait for a response head by the route's timeout; a timeout answers 504. Streamed
+//! Bounds the wait for a response head by the request's [`Deadline`] (the route's timeout, or
+//! less when the caller asked for less), across every attempt; a timeout answers 504. Streamed
 //! bodies are not cut: a long LLM stream that started in time runs to its end.
 
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
+use crate::outbound::deadline::Deadline;
 use crate::state::Route;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use std::task::{Context, Poll};
 
 #[derive(Clone, Copy, Debug)]
@@ -25,9 +26,9 @@ impl<S> tower::Layer<S> for TimeoutLayer {
     }
 }
 
-impl<S> tower::Service<Request<Incoming>> for Timeout<S>
+impl<S, B> tower::Service<Request<B>> for Timeout<S>
 where
-    S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = ProxyError>,
+    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = ProxyError>,
     S::Future: Send + 'static,
 {
     type Response = Response<ProxyBody>;
@@ -38,17 +39,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        let Some((timeout, target)) = req
-            .extensions()
-            .get::<Route>()
-            .map(|r| (r.timeout, r.backend.name.clone()))
-        else {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(route) = req.extensions().get::<Route>() else {
             return Box::pin(self.inner.call(req));
+        };
+        let target = route.backend.name.clone();
+        let (at, timeout) = match req.extensions().get::<Deadline>() {
+            Some(d) => (d.at, d.budget),
+            None => (tokio::time::Instant::now() + route.timeout, route.timeout),
         };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            match tokio::time::timeout(timeout, fut).await {
+            match tokio::time::timeout_at(at, fut).await {
                 Ok(res) => res,
                 Err(_) => Err(ProxyError::Timeout {
                     target: target.to_string(),

@@ -1,0 +1,408 @@
+//! One circuit breaker: a gate the request path reads (atomics only) and a task that owns the
+//! policies and moves the gate: closed -> open -> half-open -> closed (or open again with a
+//! longer cool-down). Outcomes reach the task over a bounded channel; the task is spawned on
+//! the first outcome and ends when the breaker is dropped.
+
+use super::consecutive_failures::{self, ConsecutiveFailures};
+use super::failure_ratio::{self, FailureRatio};
+use crate::metrics;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Outcomes waiting for the task; beyond this a burst is sampled rather than queued.
+const CHANNEL: usize = 1024;
+
+/// A breaker's parameters, from the snapshot.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Params {
+    pub consecutive: Option<consecutive_failures::Params>,
+    pub ratio: Option<failure_ratio::Params>,
+    pub cooldown: Duration,
+    pub max_cooldown: Duration,
+    pub probes: u32,
+}
+
+/// The gauge values of `agent_circuit_breaker_state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BreakerState {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+/// How a request was let through the gate; a probe's outcome decides a half-open breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    Normal,
+    Probe,
+}
+
+/// What became of an admitted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    Success,
+    Failure,
+    /// Ended without an answer for a reason that says nothing about the upstream (the caller
+    /// went away); a probe's slot is given back.
+    Cancelled,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    class: Class,
+    probe: bool,
+}
+
+/// The state every request reads.
+#[derive(Debug)]
+struct Gate {
+    state: AtomicU8,
+    probes: AtomicU32,
+    /// When an open breaker half-opens, in milliseconds since `opened_at`'s epoch: the
+    /// `Retry-After` a fallback answers with.
+    reopen_ms: AtomicU64,
+    epoch: Instant,
+}
+
+/// A circuit breaker for one target or one endpoint. Cheap to check; see the module doc.
+#[derive(Debug)]
+pub struct Breaker {
+    params: Params,
+    gate: Arc<Gate>,
+    tx: OnceLock<mpsc::Sender<Outcome>>,
+    target: Arc<str>,
+    endpoint: Arc<str>,
+}
+
+// === impl BreakerState ===
+
+impl BreakerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => BreakerState::Open,
+            2 => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+// === impl Breaker ===
+
+impl Breaker {
+    /// `endpoint` is empty for a target's breaker.
+    pub fn new(params: Params, target: &str, endpoint: &str) -> Self {
+        let b = Self {
+            params,
+            gate: Arc::new(Gate {
+                state: AtomicU8::new(BreakerState::Closed as u8),
+                probes: AtomicU32::new(0),
+                reopen_ms: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+            tx: OnceLock::new(),
+            target: target.into(),
+            endpoint: endpoint.into(),
+        };
+        ::metrics::gauge!(metrics::BREAKER_STATE, "target" => b.target.to_string(), "endpoint" => b.endpoint.to_string()).set(0.0);
+        b
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn state(&self) -> BreakerState {
+        BreakerState::from_u8(self.gate.state.load(Acquire))
+    }
+
+    /// Lets a request through, or not. Half-open admits up to `probes` requests.
+    #[inline]
+    pub fn admit(&self) -> Option<Admit> {
+        match BreakerState::from_u8(self.gate.state.load(Acquire)) {
+            BreakerState::Closed => Some(Admit::Normal),
+            BreakerState::Open => None,
+            BreakerState::HalfOpen => self
+                .gate
+                .probes
+                .fetch_update(AcqRel, Acquire, |p| p.checked_sub(1))
+                .ok()
+                .map(|_| Admit::Probe),
+        }
+    }
+
+    /// How long until an open breaker lets probes through (at least 1 s, for `Retry-After`).
+    pub fn retry_after(&self) -> Duration {
+        let at = self.gate.epoch + Duration::from_millis(self.gate.reopen_ms.load(Relaxed));
+        at.saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1))
+    }
+
+    /// Reports what became of an admitted request. Never blocks: a full channel drops it.
+    pub fn record(&self, admit: Admit, class: Class) {
+        let tx = self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(CHANNEL);
+            let task = Task {
+                params: self.params,
+                gate: self.gate.clone(),
+                target: self.target.clone(),
+                endpoint: self.endpoint.clone(),
+            };
+            tokio::spawn(task.run(rx));
+            tx
+        });
+        let _ = tx.try_send(Outcome {
+            class,
+            probe: admit == Admit::Probe,
+        });
+    }
+}
+
+/// The owner of a breaker's policies.
+struct Task {
+    params: Params,
+    gate: Arc<Gate>,
+    target: Arc<str>,
+    endpoint: Arc<str>,
+}
+
+// === impl Task ===
+
+impl Task {
+    async fn run(self, mut rx: mpsc::Receiver<Outcome>) {
+        let p = self.params;
+        let mut consecutive = p.consecutive.map(ConsecutiveFailures::new);
+        let mut ratio = p.ratio.map(|r| FailureRatio::new(r, Instant::now()));
+        // Trips since the breaker last closed: each doubles the cool-down.
+        let mut trips = 0u32;
+        let mut state = BreakerState::Closed;
+        loop {
+            state = match state {
+                BreakerState::Closed => {
+                    let Some(o) = rx.recv().await else { return };
+                    if o.probe || o.class == Class::Cancelled {
+                        continue;
+                    }
+                    let failed = o.class == Class::Failure;
+                    let now = Instant::now();
+                    let by_count = consecutive.as_mut().is_some_and(|c| c.record(failed));
+                    let by_ratio = ratio.as_mut().is_some_and(|r| r.record(failed, now));
+                    if !(by_count || by_ratio) {
+                        continue;
+                    }
+                    BreakerState::Open
+                }
+                BreakerState::Open => {
+                    let cooldown = p
+                        .cooldown
+                        .saturating_mul(1u32 << trips.min(16))
+                        .min(p.max_cooldown);
+                    trips = trips.saturating_add(1);
+                    let until = Instant::now() + cooldown;
+                    self.gate.reopen_ms.store(
+                        until.saturating_duration_since(self.gate.epoch).as_millis() as u64,
+                        Relaxed,
+                    );
+                    self.transition(BreakerState::Open, Some(cooldown));
+                    // Outcomes of requests admitted before the trip say nothing new.
+                    let sleep = tokio::time::sleep_until(until);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            o = rx.recv() => if o.is_none() { return },
+                        }
+                    }
+                    BreakerState::HalfOpen
+                }
+                BreakerState::HalfOpen => {
+                    self.gate.probes.store(p.probes, Release);
+                    self.transition(BreakerState::HalfOpen, None);
+                    let mut passed = 0;
+                    let next = loop {
+                        let Some(o) = rx.recv().await else { return };
+                        if !o.probe {
+                            continue;
+                        }
+                        match o.class {
+                            Class::Success => {
+                                passed += 1;
+                                if passed >= p.probes {
+                                    break BreakerState::Closed;
+                                }
+                            }
+                            Class::Failure => break BreakerState::Open,
+                            Class::Cancelled => {
+                                self.gate.probes.fetch_add(1, AcqRel);
+                            }
+                        }
+                    };
+                    self.gate.probes.store(0, Release);
+                    if next == BreakerState::Closed {
+                        trips = 0;
+                        if let Some(c) = consecutive.as_mut() {
+                            c.reset();
+                        }
+                        if let Some(r) = ratio.as_mut() {
+                            r.reset();
+                        }
+                        self.transition(BreakerState::Closed, None);
+                    }
+                    next
+                }
+            };
+        }
+    }
+
+    fn transition(&self, to: BreakerState, cooldown: Option<Duration>) {
+        let from = BreakerState::from_u8(self.gate.state.swap(to as u8, AcqRel));
+        let (target, endpoint) = (self.target.to_string(), self.endpoint.to_string());
+        ::metrics::gauge!(metrics::BREAKER_STATE, "target" => target.clone(), "endpoint" => endpoint.clone())
+            .set(to as u8 as f64);
+        ::metrics::counter!(
+            metrics::BREAKER_TRANSITIONS,
+            "target" => target, "endpoint" => endpoint, "to" => to.as_str()
+        )
+        .increment(1);
+        let cooldown_ms = cooldown.map(|c| c.as_millis() as u64);
+        tracing::warn!(
+            target_service = &*self.target,
+            endpoint = &*self.endpoint,
+            from = from.as_str(),
+            to = to.as_str(),
+            cooldown_ms,
+            "circuit breaker transition"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        Params {
+            consecutive: Some(consecutive_failures::Params { threshold: 3 }),
+            ratio: None,
+            cooldown: Duration::from_secs(1),
+            max_cooldown: Duration::from_secs(3),
+            probes: 2,
+        }
+    }
+
+    /// Lets the breaker task run until it has nothing left to do.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn fail(b: &Breaker) {
+        let admit = b.admit().expect("admitted");
+        b.record(admit, Class::Failure);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_at_the_threshold_and_half_opens_after_cooldown() {
+        let b = Breaker::new(params(), "t", "");
+        fail(&b);
+        fail(&b);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Closed);
+        // The third failure in a row opens it: requests are turned away.
+        fail(&b);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(b.admit(), None);
+        assert_eq!(b.retry_after(), Duration::from_secs(1));
+
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Open);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        settle().await;
+        // Half-open: exactly two probes get through.
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        let p1 = b.admit();
+        let p2 = b.admit();
+        assert_eq!((p1, p2), (Some(Admit::Probe), Some(Admit::Probe)));
+        assert_eq!(b.admit(), None);
+        // Both succeed: closed again.
+        b.record(Admit::Probe, Class::Success);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        b.record(Admit::Probe, Class::Success);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(b.admit(), Some(Admit::Normal));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_with_a_doubled_capped_cooldown() {
+        let b = Breaker::new(params(), "t", "");
+        for _ in 0..3 {
+            fail(&b);
+        }
+        settle().await;
+        let mut expected = [2, 3, 3].into_iter();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for _ in 0..3 {
+            settle().await;
+            assert_eq!(b.state(), BreakerState::HalfOpen);
+            let probe = b.admit().unwrap();
+            b.record(probe, Class::Failure);
+            settle().await;
+            assert_eq!(b.state(), BreakerState::Open);
+            // 1 s, then 2 s, then capped at 3 s.
+            let cooldown = expected.next().unwrap();
+            assert_eq!(b.retry_after(), Duration::from_secs(cooldown));
+            tokio::time::sleep(Duration::from_secs(cooldown)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_probe_gives_its_slot_back() {
+        let mut p = params();
+        p.probes = 1;
+        let b = Breaker::new(p, "t", "");
+        for _ in 0..3 {
+            fail(&b);
+        }
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+        let probe = b.admit().unwrap();
+        assert_eq!(b.admit(), None);
+        b.record(probe, Class::Cancelled);
+        settle().await;
+        assert_eq!(b.admit(), Some(Admit::Probe));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_outcomes_from_before_the_trip_are_ignored() {
+        let b = Breaker::new(params(), "t", "");
+        let admitted: Vec<_> = (0..5).map(|_| b.admit().unwrap()).collect();
+        for a in &admitted[..3] {
+            b.record(*a, Class::Failure);
+        }
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Open);
+        // Two successes from requests admitted while closed do not close it.
+        for a in &admitted[3..] {
+            b.record(*a, Class::Success);
+        }
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+}

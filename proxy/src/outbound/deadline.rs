@@ -1,0 +1,118 @@
+//! The caller's deadline: how long the whole exchange may take, every attempt included. It is
+//! the route's timeout, shortened by an `x-mesh-timeout-ms` header when the caller sent one,
+//! and each hop passes the budget left on in the same header, so a chain of agents never waits
+//! longer than the first caller will.
+
+use http::{HeaderName, HeaderValue, Request};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The remaining budget, in milliseconds, that a request carries to the next hop.
+pub const TIMEOUT_HEADER: HeaderName = HeaderName::from_static("x-mesh-timeout-ms");
+
+/// When the caller stops waiting; set by [`DeadlineLayer`], read by the timeout, retry and
+/// forward steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deadline {
+    pub at: Instant,
+    /// The budget the request started with, for error messages.
+    pub budget: Duration,
+}
+
+impl Deadline {
+    pub fn remaining(&self) -> Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+
+    /// Writes the budget left into the request for the next hop (at least 1 ms: a zero would
+    /// read as "no budget" and a timeout is imminent anyway).
+    pub fn propagate(&self, headers: &mut http::HeaderMap) {
+        let ms = self.remaining().as_millis().max(1) as u64;
+        headers.insert(TIMEOUT_HEADER, HeaderValue::from(ms));
+    }
+}
+
+/// The budget a caller asked for, if its header is well formed.
+pub fn requested(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get(TIMEOUT_HEADER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_millis)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeadlineLayer;
+
+/// Sets the request's [`Deadline`] from its route's timeout and the caller's header.
+#[derive(Clone, Debug)]
+pub struct SetDeadline<S> {
+    inner: S,
+}
+
+impl<S> tower::Layer<S> for DeadlineLayer {
+    type Service = SetDeadline<S>;
+
+    fn layer(&self, inner: S) -> SetDeadline<S> {
+        SetDeadline { inner }
+    }
+}
+
+impl<S, B> tower::Service<Request<B>> for SetDeadline<S>
+where
+    S: tower::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        let route_timeout = req
+            .extensions()
+            .get::<crate::state::Route>()
+            .map(|r| r.timeout);
+        // A malformed header is ignored rather than refused: the route's timeout still holds.
+        let asked = requested(req.headers());
+        let budget = match (route_timeout, asked) {
+            (Some(t), Some(a)) => Some(t.min(a)),
+            (t, a) => t.or(a),
+        };
+        if let Some(budget) = budget {
+            req.extensions_mut().insert(Deadline {
+                at: Instant::now() + budget,
+                budget,
+            });
+        }
+        self.inner.call(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn propagates_what_is_left() {
+        let d = Deadline {
+            at: Instant::now() + Duration::from_millis(1000),
+            budget: Duration::from_millis(1000),
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut h = http::HeaderMap::new();
+        d.propagate(&mut h);
+        assert_eq!(h[TIMEOUT_HEADER], "700");
+        assert_eq!(requested(&h), Some(Duration::from_millis(700)));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        d.propagate(&mut h);
+        assert_eq!(h[TIMEOUT_HEADER], "1");
+    }
+
+    #[test]
+    fn malformed_header_is_ignored() {
+        let mut h = http::HeaderMap::new();
+        h.insert(TIMEOUT_HEADER, HeaderValue::from_static("soon"));
+        assert_eq!(requested(&h), None);
+    }
+}

@@ -1,0 +1,70 @@
+//! The request body sent upstream: the caller's body streamed as it arrives, or a small body
+//! held in memory so that a retry can send it again.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// A request body on its way upstream. `Replay` holds at most the retry policy's bound.
+#[derive(Debug)]
+pub enum RequestBody {
+    Stream(Incoming),
+    /// Cloning the `Bytes` is a reference count, so each attempt sends the same buffer.
+    Replay {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+}
+
+impl RequestBody {
+    pub fn replay(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        RequestBody::Replay {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
+        }
+    }
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        RequestBody::Stream(body)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Replay { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(|d| Ok(Frame::data(d)))
+                    .or_else(|| trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            ),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Replay { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))
+            }
+        }
+    }
+}

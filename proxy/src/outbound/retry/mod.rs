@@ -1,0 +1,279 @@
+//! Retries: a failed attempt is sent again, after an exponential backoff with full jitter, to
+//! another endpoint when there is one, while the target's budget and the caller's deadline
+//! allow. Only when it is safe: an idempotent method, a service with `non_idempotent = true`,
+//! or a request carrying `x-mesh-retryable: true`; a request that never left (connect
+//! failure) is always safe. The body must be small enough to keep (`max_body_bytes`): larger
+//! or unknown-length bodies stream through once. A retry is decided on the response head,
+//! before anything reaches the caller.
+
+pub mod budget;
+
+use crate::body::ProxyBody;
+use crate::errors::ProxyError;
+use crate::metrics;
+use crate::outbound::classify::StatusSet;
+use crate::outbound::deadline::Deadline;
+use crate::outbound::fallback::ShortCircuit;
+use crate::outbound::replay::RequestBody;
+use crate::state::Route;
+use budget::Budget;
+use futures_util::future::BoxFuture;
+use http::{HeaderName, Method, Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+/// A caller's opt-in to retries of a non-idempotent request; removed before forwarding.
+pub const RETRYABLE_HEADER: HeaderName = HeaderName::from_static("x-mesh-retryable");
+
+/// Retry parameters of one target.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Params {
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    pub per_try_timeout: Option<Duration>,
+    pub max_body_bytes: u64,
+    pub statuses: StatusSet,
+    pub non_idempotent: bool,
+}
+
+/// A target's retry parameters and its budget.
+#[derive(Debug)]
+pub struct Policy {
+    pub params: Params,
+    pub budget: Budget,
+}
+
+/// Which endpoint (index in the target's set) the latest attempt went to; forward reads it to
+/// send the next attempt elsewhere and writes it when it picks.
+#[derive(Clone, Debug)]
+pub struct Tried(pub Arc<AtomicUsize>);
+
+/// When the current attempt gives up (the per-try timeout), for layers below that classify an
+/// attempt dropped unanswered.
+#[derive(Clone, Copy, Debug)]
+pub struct TryDeadline(pub Instant);
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RetryLayer;
+
+#[derive(Clone, Debug)]
+pub struct Retry<S> {
+    inner: S,
+}
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry { inner }
+    }
+}
+
+impl<S> tower::Service<Request<Incoming>> for Retry<S>
+where
+    S: tower::Service<Request<RequestBody>, Response = Response<ProxyBody>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let route = req.extensions().get::<Route>();
+        let policy = route
+            .and_then(|r| r.backend.resilience.retry.clone())
+            .filter(|p| p.params.max_attempts > 1);
+        let Some(policy) = policy else {
+            return Box::pin(self.inner.call(req.map(RequestBody::from)));
+        };
+        let target = route.map(|r| r.backend.name.clone()).unwrap_or_default();
+        policy.budget.deposit();
+        let (mut parts, body) = req.into_parts();
+        let opted_in = parts
+            .headers
+            .remove(RETRYABLE_HEADER)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+        let safe = idempotent(&parts.method) || policy.params.non_idempotent || opted_in;
+        let max = policy.params.max_body_bytes;
+        let keepable = !parts.headers.contains_key(http::header::UPGRADE)
+            && (body.is_end_stream() || body.size_hint().upper().is_some_and(|u| u <= max));
+        // The service polled ready is the one to call; the clone waits for the next request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !keepable {
+            return Box::pin(inner.call(Request::from_parts(parts, body.into())));
+        }
+        Box::pin(async move {
+            let collected = Limited::new(body, max as usize)
+                .collect()
+                .await
+                .map_err(|e| ProxyError::RequestBody {
+                    target: target.to_string(),
+                    reason: e.to_string(),
+                })?;
+            let trailers = collected.trailers().cloned();
+            let data = collected.to_bytes();
+            parts
+                .extensions
+                .insert(Tried(Arc::new(AtomicUsize::new(usize::MAX))));
+            let deadline = parts.extensions.get::<Deadline>().copied();
+            let p = policy.params;
+            let mut attempt = 1;
+            loop {
+                let mut req = Request::from_parts(
+                    parts.clone(),
+                    RequestBody::replay(data.clone(), trailers.clone()),
+                );
+                let res = match p.per_try_timeout {
+                    Some(t) => {
+                        let until = Instant::now() + t;
+                        req.extensions_mut().insert(TryDeadline(until));
+                        let fut = inner.ready().await?.call(req);
+                        tokio::time::timeout_at(until, fut)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ProxyError::Timeout {
+                                    target: target.to_string(),
+                                    timeout: t,
+                                })
+                            })
+                    }
+                    None => inner.ready().await?.call(req).await,
+                };
+                if attempt >= p.max_attempts || !should_retry(&res, safe, &p.statuses) {
+                    return res;
+                }
+                if !policy.budget.withdraw() {
+                    ::metrics::counter!(metrics::RETRY_BUDGET_EXHAUSTED, "target" => target.to_string())
+                        .increment(1);
+                    return res;
+                }
+                let backoff = full_jitter(&p, attempt);
+                if deadline.is_some_and(|d| d.remaining() <= backoff) {
+                    return res;
+                }
+                // The failed answer is dropped unread: nothing of it reached the caller.
+                drop(res);
+                ::metrics::counter!(metrics::RETRIES_TOTAL, "target" => target.to_string())
+                    .increment(1);
+                tokio::time::sleep(backoff).await;
+                attempt += 1;
+            }
+        })
+    }
+}
+
+/// RFC 9110 9.2.2: methods whose repetition has the same effect as one request.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn should_retry(
+    res: &Result<Response<ProxyBody>, ProxyError>,
+    safe: bool,
+    statuses: &StatusSet,
+) -> bool {
+    match res {
+        Ok(rsp) => {
+            safe && statuses.contains(rsp.status().as_u16())
+                && rsp.extensions().get::<ShortCircuit>().is_none()
+        }
+        // A connect failure means the request never left: safe for any method.
+        Err(ProxyError::Unavailable { .. }) => true,
+        Err(ProxyError::UpstreamFailed { .. }) | Err(ProxyError::Timeout { .. }) => safe,
+        Err(_) => false,
+    }
+}
+
+/// A random wait in [0, min(max_backoff, backoff * 2^(attempt-1))] ("full jitter"), so
+/// callers that failed together do not retry together.
+fn full_jitter(p: &Params, attempt: u32) -> Duration {
+    let cap = p
+        .backoff
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(p.max_backoff);
+    cap.mul_f64(fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params() -> Params {
+        Params {
+            max_attempts: 5,
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            per_try_timeout: None,
+            max_body_bytes: 64,
+            statuses: StatusSet::new(&[503]),
+            non_idempotent: false,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let p = params();
+        for _ in 0..200 {
+            assert!(full_jitter(&p, 1) <= Duration::from_millis(10));
+            assert!(full_jitter(&p, 2) <= Duration::from_millis(20));
+            assert!(full_jitter(&p, 4) <= Duration::from_millis(50));
+        }
+        // Full jitter spreads over the whole range.
+        let spread: Vec<_> = (0..200).map(|_| full_jitter(&p, 4)).collect();
+        assert!(spread.iter().any(|d| *d < Duration::from_millis(10)));
+        assert!(spread.iter().any(|d| *d > Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn only_safe_requests_retry_on_status_but_unsent_ones_always() {
+        let s = StatusSet::new(&[503]);
+        let rsp = |code: u16| {
+            let mut r = Response::new(ProxyBody::empty());
+            *r.status_mut() = http::StatusCode::from_u16(code).unwrap();
+            Ok(r)
+        };
+        assert!(should_retry(&rsp(503), true, &s));
+        assert!(!should_retry(&rsp(503), false, &s));
+        assert!(!should_retry(&rsp(500), true, &s));
+        let unsent = Err(ProxyError::Unavailable {
+            target: "b".into(),
+            reason: "refused".into(),
+        });
+        assert!(should_retry(&unsent, false, &s));
+        let reset = Err(ProxyError::UpstreamFailed {
+            target: "b".into(),
+            reason: "reset".into(),
+        });
+        assert!(!should_retry(&reset, false, &s));
+        // A fallback's answer is never retried.
+        let mut short = Response::new(ProxyBody::empty());
+        *short.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        short.extensions_mut().insert(ShortCircuit);
+        assert!(!should_retry(&Ok(short), true, &s));
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        assert!(idempotent(&Method::GET) && idempotent(&Method::PUT));
+        assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
+    }
+}
