@@ -173,7 +173,10 @@ impl BudgetModel {
             ));
         }
         if self.host.memory.0 == 0 {
-            return Err(invalid(vec![Key("host"), Key("memory")], "must be greater than zero"));
+            return Err(invalid(
+                vec![Key("host"), Key("memory")],
+                "must be greater than zero",
+            ));
         }
         if !(1..=100_000).contains(&self.host.concurrency_per_cpu) {
             return Err(invalid(
@@ -194,7 +197,10 @@ impl BudgetModel {
             if !(pool.cpus.is_finite() && (0.0..=MAX_CPUS).contains(&pool.cpus)) {
                 return Err(invalid(at("cpus"), format!("must be in [0, {MAX_CPUS}]")));
             }
-            if pool.max_per_agent.is_some_and(|m| m.0 == 0 || m > pool.memory) {
+            if pool
+                .max_per_agent
+                .is_some_and(|m| m.0 == 0 || m > pool.memory)
+            {
                 return Err(invalid(
                     at("max_per_agent"),
                     "must be greater than zero and at most the pool's memory",
@@ -414,7 +420,10 @@ mod tests {
         let report = rules().compute(64.0, ByteSize::gib(256), |_| 1);
         assert!(!report.oversubscribed);
         assert_eq!(report.agent(Phase::Specialized).unwrap().cpus, 0.5);
-        assert_eq!(report.agent(Phase::Critical).unwrap().memory, ByteSize::gib(4));
+        assert_eq!(
+            report.agent(Phase::Critical).unwrap().memory,
+            ByteSize::gib(4)
+        );
     }
 
     #[test]

@@ -67,7 +67,10 @@ impl Catalog {
             let at = |k| vec![Key("services"), Index(i), Key(k)];
             check_name(&svc.name).map_err(|r| invalid(at("name"), r))?;
             if !names.insert(svc.name.as_str()) {
-                return Err(invalid(at("name"), format!("duplicate service {:?}", svc.name)));
+                return Err(invalid(
+                    at("name"),
+                    format!("duplicate service {:?}", svc.name),
+                ));
             }
             let mut seen = HashSet::with_capacity(svc.endpoints.len());
             for ep in &svc.endpoints {

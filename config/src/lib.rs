@@ -1,6 +1,7 @@
 //! The mesh model: what a sidecar knows about the world (services, endpoints, routes and the
 //! policies that apply to them) and how operators' TOML files become that model.
 
+pub mod backoff;
 pub mod budget;
 pub mod catalog;
 pub mod load;
@@ -9,9 +10,9 @@ pub mod policy;
 pub mod snapshot;
 pub mod units;
 
-pub use load::LoadError;
-pub use phase::Phase;
 pub use budget::{AgentBudget, BudgetModel, BudgetReport};
 pub use catalog::{Catalog, CatalogService};
+pub use load::LoadError;
+pub use phase::Phase;
 pub use policy::{Policy, PolicyErrors, TargetPolicy};
 pub use snapshot::{Defaults, Protocol, RouteRule, Service, Snapshot};

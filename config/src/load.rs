@@ -121,7 +121,11 @@ fn item_start(item: &toml_edit::Item) -> Option<usize> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let offset = offset.min(text.len());
-    text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -157,7 +161,10 @@ timeout = "2s"
         .unwrap();
         assert_eq!(snap.version, 7);
         assert_eq!(snap.services[0].endpoints.len(), 2);
-        assert_eq!(snap.routes[0].timeout, Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            snap.routes[0].timeout,
+            Some(std::time::Duration::from_secs(2))
+        );
     }
 
     #[test]
@@ -169,8 +176,8 @@ timeout = "2s"
 
     #[test]
     fn bad_address_names_its_line() {
-        let err =
-            load("version = 1\n[[services]]\nname = \"a\"\nendpoints = [\"nowhere\"]\n").unwrap_err();
+        let err = load("version = 1\n[[services]]\nname = \"a\"\nendpoints = [\"nowhere\"]\n")
+            .unwrap_err();
         assert_eq!(err.line, 4, "{err}");
     }
 
@@ -181,7 +188,10 @@ timeout = "2s"
         )
         .unwrap_err();
         assert_eq!(err.line, 7, "{err}");
-        assert_eq!(err.to_string(), "mesh.toml:7: routes[0].backend: unknown service \"b\"");
+        assert_eq!(
+            err.to_string(),
+            "mesh.toml:7: routes[0].backend: unknown service \"b\""
+        );
     }
 
     #[test]

@@ -21,7 +21,11 @@ use std::time::Duration;
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetPolicy {
-    #[serde(with = "humantime_serde", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
@@ -166,15 +170,17 @@ impl Policy {
 
     fn validate(&self) -> Result<(), Invalid> {
         use PathSeg::*;
-        self.defaults
-            .validate(|k| vec![Key("defaults"), Key(k)])?;
+        self.defaults.validate(|k| vec![Key("defaults"), Key(k)])?;
         for (name, t) in &self.targets {
             check_name(name).map_err(|r| invalid(vec![Key("targets"), Name(name.clone())], r))?;
             t.validate(|k| vec![Key("targets"), Name(name.clone()), Key(k)])?;
         }
         if let Some(t) = &self.trace {
             if !(0.0..=1.0).contains(&t.sampling) {
-                return Err(invalid(vec![Key("trace"), Key("sampling")], "must be in [0, 1]"));
+                return Err(invalid(
+                    vec![Key("trace"), Key("sampling")],
+                    "must be in [0, 1]",
+                ));
             }
         }
         // Route syntax is checked against a stand-in service per backend; whether a backend
@@ -259,10 +265,7 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
             if let Some(&first) = origin.get(section) {
                 let err = invalid(
                     vec![PathSeg::Key(section)],
-                    format!(
-                        "section already defined in {}",
-                        files[first].0.display()
-                    ),
+                    format!("section already defined in {}", files[first].0.display()),
                 );
                 errors.push(LoadError::Invalid(load::locate(path, text, &err)));
                 return false;
@@ -376,7 +379,10 @@ mod tests {
         let slow = snap.service("slow").unwrap();
         assert_eq!(slow.timeout, Some(Duration::from_secs(60)));
         assert_eq!(slow.protocol, Protocol::Http2);
-        assert_eq!(snap.service("fast").unwrap().timeout, Some(Duration::from_secs(10)));
+        assert_eq!(
+            snap.service("fast").unwrap().timeout,
+            Some(Duration::from_secs(10))
+        );
         assert_eq!(snap.defaults.timeout, Duration::from_secs(10));
     }
 
@@ -411,13 +417,22 @@ mod tests {
             ("a.toml", "[defaults]\ntimeout = \"1s\"\n"),
             ("b.toml", "[host]\ncpus = 12\n\n[phases.critical]\ncpus = 2\nmemory = \"1Gi\"\nagent_cpus = 4\nagent_memory = \"1Gi\"\n"),
         ]);
-        assert_eq!(e, "b.toml:7: phases.critical.agent_cpus: exceeds the phase's cpus");
+        assert_eq!(
+            e,
+            "b.toml:7: phases.critical.agent_cpus: exceeds the phase's cpus"
+        );
     }
 
     #[test]
     fn a_section_in_two_files_is_rejected() {
-        let e = err(&[("a.toml", "[trace]\nsampling = 0.1\n"), ("b.toml", "\n[trace]\nsampling = 0.2\n")]);
-        assert!(e.starts_with("b.toml:2: trace: section already defined in a.toml"), "{e}");
+        let e = err(&[
+            ("a.toml", "[trace]\nsampling = 0.1\n"),
+            ("b.toml", "\n[trace]\nsampling = 0.2\n"),
+        ]);
+        assert!(
+            e.starts_with("b.toml:2: trace: section already defined in a.toml"),
+            "{e}"
+        );
     }
 
     #[test]

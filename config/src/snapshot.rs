@@ -51,7 +51,11 @@ pub struct Service {
     pub protocol: Protocol,
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
-    #[serde(with = "humantime_serde", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
 }
 
@@ -76,7 +80,11 @@ pub struct RouteRule {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     pub backend: String,
-    #[serde(with = "humantime_serde", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
 }
 
@@ -144,8 +152,14 @@ impl Snapshot {
         if let Some(b) = &self.budget {
             b.validate().map_err(|r| invalid(vec![Key("budget")], r))?;
         }
-        if self.trace.is_some_and(|t| !(0.0..=1.0).contains(&t.sampling)) {
-            return Err(invalid(vec![Key("trace"), Key("sampling")], "must be in [0, 1]"));
+        if self
+            .trace
+            .is_some_and(|t| !(0.0..=1.0).contains(&t.sampling))
+        {
+            return Err(invalid(
+                vec![Key("trace"), Key("sampling")],
+                "must be in [0, 1]",
+            ));
         }
         let mut names = HashSet::with_capacity(self.services.len());
         for (i, svc) in self.services.iter().enumerate() {
@@ -247,9 +261,7 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
 fn http_header_name_invalid(name: &str) -> bool {
     name.is_empty()
         || !name.bytes().all(|b| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || b"!#$%&'*+-.^_`|~".contains(&b)
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
         })
 }
 
@@ -291,6 +303,9 @@ mod tests {
             ..Default::default()
         };
         let err = snap.validate().unwrap_err();
-        assert_eq!(err.to_string(), "routes[0].backend: unknown service \"missing\"");
+        assert_eq!(
+            err.to_string(),
+            "routes[0].backend: unknown service \"missing\""
+        );
     }
 }
