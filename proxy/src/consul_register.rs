@@ -64,7 +64,10 @@ impl Registration {
     pub async fn register(&self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         loop {
-            match self.put("/v1/agent/service/register", self.body.clone()).await {
+            match self
+                .put("/v1/agent/service/register", self.body.clone())
+                .await
+            {
                 Ok(()) => {
                     tracing::info!(service = %self.id, consul = %self.consul, "registered in consul");
                     return;

@@ -17,7 +17,11 @@ pub type Stack = target::LocalTarget<
 >;
 
 pub fn stack(boot: &Bootstrap, pools: Arc<Pools>) -> Stack {
-    stack_with(boot, pools, concurrency::ConcurrencyLayer::new(&boot.inbound))
+    stack_with(
+        boot,
+        pools,
+        concurrency::ConcurrencyLayer::new(&boot.inbound),
+    )
 }
 
 /// The stack with a given concurrency layer, whose limit the caller may resize.
