@@ -53,7 +53,7 @@ pub struct PhaseLimits {
 }
 
 /// The whole model: host, pools, phases.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetModel {
     #[serde(default)]
@@ -148,16 +148,6 @@ impl AgentBudget {
 }
 
 // === impl BudgetModel ===
-
-impl Default for BudgetModel {
-    fn default() -> Self {
-        Self {
-            host: HostModel::default(),
-            pools: BTreeMap::new(),
-            phases: BTreeMap::new(),
-        }
-    }
-}
 
 const MAX_CPUS: f64 = 4096.0;
 
