@@ -1,12 +1,20 @@
 //! The mesh model: what a sidecar knows about the world (services, endpoints, routes and the
 //! policies that apply to them) and how operators' TOML files become that model.
 
+pub mod backoff;
+pub mod budget;
+pub mod catalog;
 pub mod load;
 pub mod phase;
+pub mod policy;
 pub mod resilience;
 pub mod snapshot;
+pub mod units;
 
+pub use budget::{AgentBudget, BudgetModel, BudgetReport};
+pub use catalog::{Catalog, CatalogService};
 pub use load::LoadError;
 pub use phase::Phase;
+pub use policy::{Policy, PolicyErrors, TargetPolicy};
 pub use resilience::Resilience;
 pub use snapshot::{Defaults, Protocol, RouteRule, Service, Snapshot};

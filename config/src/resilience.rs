@@ -37,6 +37,18 @@ pub struct Resilience {
     pub fallback: Option<Fallback>,
 }
 
+impl Resilience {
+    /// `self` over `base`: each policy set here wins.
+    pub fn or(&self, base: &Resilience) -> Resilience {
+        Resilience {
+            retry: self.retry.clone().or_else(|| base.retry.clone()),
+            breaker: self.breaker.clone().or_else(|| base.breaker.clone()),
+            ejection: self.ejection.clone().or_else(|| base.ejection.clone()),
+            fallback: self.fallback.clone().or_else(|| base.fallback.clone()),
+        }
+    }
+}
+
 /// The policies in force for one service after defaults are applied.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Resolved {

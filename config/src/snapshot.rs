@@ -1,6 +1,8 @@
 //! The dynamic configuration a sidecar runs with: services, their endpoints, route rules and
 //! defaults. A snapshot is immutable once built and is replaced as a whole.
 
+use crate::budget::AgentBudget;
+use crate::policy::Trace;
 use crate::resilience::Resilience;
 use crate::Phase;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,11 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     #[serde(default)]
     pub routes: Vec<RouteRule>,
+    /// This sidecar's agent budget, set by the control process per sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<AgentBudget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Trace>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -160,6 +167,18 @@ impl Snapshot {
         self.defaults
             .resilience
             .validate(&[Key("defaults"), Key("resilience")], None, &exists)?;
+        if let Some(b) = &self.budget {
+            b.validate().map_err(|r| invalid(vec![Key("budget")], r))?;
+        }
+        if self
+            .trace
+            .is_some_and(|t| !(0.0..=1.0).contains(&t.sampling))
+        {
+            return Err(invalid(
+                vec![Key("trace"), Key("sampling")],
+                "must be in [0, 1]",
+            ));
+        }
         let mut names = HashSet::with_capacity(self.services.len());
         for (i, svc) in self.services.iter().enumerate() {
             let at = |k| vec![Key("services"), Index(i), Key(k)];
@@ -245,7 +264,7 @@ pub fn normalize_authority(authority: &str) -> &str {
 }
 
 /// Service names are DNS labels: what Consul accepts and what fits in a Host header.
-fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -269,7 +288,7 @@ fn http_header_name_invalid(name: &str) -> bool {
         })
 }
 
-fn invalid(path: Vec<PathSeg>, reason: impl Into<String>) -> Invalid {
+pub(crate) fn invalid(path: Vec<PathSeg>, reason: impl Into<String>) -> Invalid {
     Invalid {
         path,
         reason: reason.into(),

@@ -45,6 +45,7 @@ pub struct Running {
     grace: Duration,
     state: Arc<State>,
     stop: watch::Sender<bool>,
+    registration: Option<Arc<crate::consul_register::Registration>>,
 }
 
 /// Binds every listener, then serves in tasks on the current runtime.
@@ -60,6 +61,13 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         }
         None => (Snapshot::default(), String::new()),
     };
+    // With a control process, its last snapshot (persisted) wins over the snapshot file.
+    let persisted = boot
+        .control
+        .as_ref()
+        .and_then(|c| c.persist.as_deref())
+        .and_then(crate::control_client::load_persisted);
+    let initial = persisted.unwrap_or(initial);
     let state = State::new(&boot.agent, boot.phase, initial);
 
     let outbound_l = bind("outbound", boot.listen.outbound).await?;
@@ -90,12 +98,18 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     tokio::spawn(outbound.run(watch.clone()));
 
     let mut app = None;
+    let limit = inbound::concurrency::ConcurrencyLayer::new(&boot.inbound);
+    tokio::spawn(limit.resizer().follow_budget(
+        state.clone(),
+        boot.inbound.max_concurrency,
+        stopped.clone(),
+    ));
     if let Some(listener) = inbound_l {
         let inbound = Accept {
             name: "inbound",
             listener,
             builder: builder.clone(),
-            service: inbound::stack(&boot, pools.clone()),
+            service: inbound::stack_with(&boot, pools.clone(), limit.clone()),
             detect_timeout,
         };
         tokio::spawn(inbound.run(watch.clone()));
@@ -109,7 +123,15 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     }
     drop(watch);
 
-    if let Some(path) = &boot.snapshot.file {
+    if let Some(control) = &boot.control {
+        let client = crate::control_client::ControlClient::new(
+            control.clone(),
+            &boot.agent,
+            boot.phase,
+            state.clone(),
+        );
+        tokio::spawn(client.run(stopped.clone()));
+    } else if let Some(path) = &boot.snapshot.file {
         let source = SnapshotFile {
             path: path.clone(),
             every: boot.snapshot.poll_interval,
@@ -130,6 +152,26 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     });
     let admin = Admin { health, prometheus };
     tokio::spawn(admin.serve(admin_l, stopped.clone()));
+    let registration = match (&boot.consul, addrs.inbound) {
+        (Some(cfg), Some(inbound)) => {
+            let reg = Arc::new(crate::consul_register::Registration::new(
+                cfg,
+                &boot.agent,
+                boot.phase,
+                inbound,
+                addrs.admin,
+            ));
+            let task = reg.clone();
+            let stop = stopped.clone();
+            tokio::spawn(async move { task.register(stop).await });
+            Some(reg)
+        }
+        (Some(_), None) => {
+            tracing::warn!("[consul] is set but there is no inbound listener to register");
+            None
+        }
+        _ => None,
+    };
     tokio::spawn(upkeep(prometheus, stopped));
 
     tracing::info!(
@@ -147,6 +189,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         grace: boot.drain.grace,
         state,
         stop,
+        registration,
     })
 }
 
@@ -172,6 +215,10 @@ impl Running {
     /// Stops accepting, lets requests in flight finish for up to the grace period, then stops
     /// the admin listener and background tasks.
     pub async fn shutdown(self) {
+        // Rule 17: leave discovery first, so peers stop choosing this agent while it drains.
+        if let Some(reg) = &self.registration {
+            reg.deregister().await;
+        }
         tracing::info!(grace_ms = self.grace.as_millis() as u64, "draining");
         if tokio::time::timeout(self.grace, self.drain.drain())
             .await

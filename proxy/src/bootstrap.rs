@@ -31,6 +31,42 @@ pub struct Bootstrap {
     pub limits: Limits,
     #[serde(default)]
     pub upstream: Upstream,
+    /// The control process; when set it is the snapshot source (see `control_client`).
+    #[serde(default)]
+    pub control: Option<Control>,
+    /// Registers the agent in Consul on start and deregisters it on shutdown.
+    #[serde(default)]
+    pub consul: Option<ConsulRegistration>,
+}
+
+/// `[control]`. With a control address, the snapshot comes from the control process. At start
+/// the persisted snapshot (the last one the control process sent) wins over `snapshot.file`,
+/// which then serves only as the first snapshot of a sidecar that has never reached control,
+/// and is not watched.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    pub address: SocketAddr,
+    /// Where the last good snapshot is kept across restarts.
+    pub persist: Option<PathBuf>,
+    /// How long one long-poll waits for a new version.
+    #[serde(with = "humantime_serde", default = "default_control_wait")]
+    pub wait: Duration,
+    /// Upper bound of the jittered backoff while control is unreachable.
+    #[serde(with = "humantime_serde", default = "default_control_backoff")]
+    pub max_backoff: Duration,
+}
+
+/// `[consul]`: the local Consul agent's HTTP API.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulRegistration {
+    /// `host:port` of the Consul agent.
+    pub address: String,
+    /// The address peers reach this sidecar's inbound listener at; defaults to its bound IP.
+    pub advertise: Option<std::net::IpAddr>,
+    #[serde(with = "humantime_serde", default = "default_check_interval")]
+    pub check_interval: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -158,6 +194,11 @@ impl Bootstrap {
         if self.limits.max_header_bytes < 8192 {
             return fail("limits.max_header_bytes: must be at least 8192");
         }
+        if let Some(c) = &self.control {
+            if c.wait.is_zero() || c.max_backoff.is_zero() {
+                return fail("control.wait and control.max_backoff: must be greater than zero");
+            }
+        }
         if self.snapshot.poll_interval.is_zero() {
             return fail("snapshot.poll_interval: must be greater than zero");
         }
@@ -238,6 +279,15 @@ fn default_inbound_timeout() -> Duration {
 }
 fn default_poll_interval() -> Duration {
     Duration::from_secs(1)
+}
+fn default_control_wait() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_control_backoff() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(5)
 }
 fn default_grace() -> Duration {
     Duration::from_secs(30)

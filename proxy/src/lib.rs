@@ -7,6 +7,8 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod bootstrap;
+pub mod consul_register;
+pub mod control_client;
 pub mod drain;
 pub mod errors;
 pub mod health;

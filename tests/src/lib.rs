@@ -6,6 +6,8 @@
 
 pub mod body;
 pub mod client;
+pub mod consul;
+pub mod control;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

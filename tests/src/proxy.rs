@@ -35,6 +35,8 @@ pub struct Builder {
     queue_timeout: String,
     grace: String,
     poll_interval: String,
+    /// Bootstrap sections appended verbatim (e.g. `[control]`, `[consul]`).
+    extra: String,
 }
 
 /// A proxy running inside the test process.
@@ -73,6 +75,7 @@ pub fn builder() -> Builder {
         queue_timeout: "1s".to_owned(),
         grace: "30s".to_owned(),
         poll_interval: "20ms".to_owned(),
+        extra: String::new(),
     }
 }
 
@@ -114,6 +117,12 @@ impl Builder {
         self
     }
 
+    /// Appends bootstrap sections verbatim, e.g. `[control]` for the control channel.
+    pub fn bootstrap_extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self
+    }
+
     /// How long shutdown waits for in-flight requests.
     pub fn grace(mut self, grace: &str) -> Self {
         self.grace = grace.to_owned();
@@ -143,6 +152,7 @@ impl Builder {
             self.poll_interval,
             self.grace
         ));
+        out.push_str(&self.extra);
         out
     }
 
@@ -285,6 +295,11 @@ impl TestProxy {
     }
 
     /// The snapshot version in force.
+    /// The version in force as a watch, to wait for one applied by another source.
+    pub fn versions(&self) -> watch::Receiver<u64> {
+        self.version.clone()
+    }
+
     pub fn snapshot_version(&self) -> u64 {
         *self.version.borrow()
     }

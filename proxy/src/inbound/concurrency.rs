@@ -17,8 +17,13 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+/// The inbound limit in force, after the snapshot's budget.
+pub const INBOUND_CONCURRENCY_LIMIT: &str = "agent_inbound_concurrency_limit";
+
 #[derive(Debug)]
 struct Limiter {
+    /// The limit in force; written only by [`Resize`], never on the request path.
+    size: std::sync::Mutex<usize>,
     slots: Arc<Semaphore>,
     queued: AtomicUsize,
     queue_depth: usize,
@@ -51,12 +56,76 @@ impl ConcurrencyLayer {
     pub fn new(cfg: &Inbound) -> Self {
         Self {
             limiter: Arc::new(Limiter {
+                size: std::sync::Mutex::new(cfg.max_concurrency),
                 slots: Arc::new(Semaphore::new(cfg.max_concurrency)),
                 queued: AtomicUsize::new(0),
                 queue_depth: cfg.queue_depth,
                 queue_timeout: cfg.queue_timeout,
                 depth_gauge: ::metrics::gauge!(metrics::INBOUND_QUEUE_DEPTH),
             }),
+        }
+    }
+}
+
+impl ConcurrencyLayer {
+    /// A handle that changes the limit of every service this layer builds.
+    pub fn resizer(&self) -> Resize {
+        Resize(self.limiter.clone())
+    }
+}
+
+/// Changes the inbound limit without touching the request path: permits are added, or
+/// forgotten as they come free.
+#[derive(Clone, Debug)]
+pub struct Resize(Arc<Limiter>);
+
+impl Resize {
+    pub fn resize(&self, limit: usize) {
+        let limit = limit.max(1);
+        let mut size = self.0.size.lock().unwrap_or_else(|e| e.into_inner());
+        if limit > *size {
+            self.0.slots.add_permits(limit - *size);
+        } else if limit < *size {
+            let excess = *size - limit;
+            let forgotten = self.0.slots.forget_permits(excess);
+            if forgotten < excess {
+                // The rest are in use: take them out as requests finish.
+                let slots = self.0.slots.clone();
+                let owed = (excess - forgotten) as u32;
+                tokio::spawn(async move {
+                    if let Ok(p) = slots.acquire_many_owned(owed).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+        if *size != limit {
+            tracing::info!(from = *size, to = limit, "inbound concurrency resized");
+        }
+        *size = limit;
+        ::metrics::gauge!(INBOUND_CONCURRENCY_LIMIT).set(limit as f64);
+    }
+
+    pub fn limit(&self) -> usize {
+        *self.0.size.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows the snapshot in force: its budget sets the limit; without one, `fallback`
+    /// (the bootstrap's `max_concurrency`) does.
+    pub async fn follow_budget(
+        self,
+        state: Arc<crate::state::State>,
+        fallback: usize,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut versions = state.versions();
+        loop {
+            let budget = state.load().snapshot.budget;
+            self.resize(budget.map_or(fallback, |b| b.inbound_concurrency()));
+            tokio::select! {
+                res = versions.changed() => if res.is_err() { return },
+                _ = crate::drain::stopped(&mut stop) => return,
+            }
         }
     }
 }
@@ -131,5 +200,39 @@ where
             rsp.body_mut().hold_permit(permit);
             Ok(rsp)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(n: usize) -> ConcurrencyLayer {
+        ConcurrencyLayer::new(&Inbound {
+            max_concurrency: n,
+            ..Inbound::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn resize_adds_and_forgets_permits() {
+        let l = layer(4);
+        let r = l.resizer();
+        r.resize(10);
+        assert_eq!(l.limiter.slots.available_permits(), 10);
+        r.resize(3);
+        assert_eq!(l.limiter.slots.available_permits(), 3);
+    }
+
+    #[tokio::test]
+    async fn shrinking_below_the_permits_in_use_takes_them_back_as_they_free() {
+        let l = layer(4);
+        let held = l.limiter.slots.clone().acquire_many_owned(4).await.unwrap();
+        l.resizer().resize(1);
+        assert_eq!(l.limiter.slots.available_permits(), 0);
+        // The four requests finish: three permits go to the debt, one stays.
+        drop(held);
+        tokio::task::yield_now().await;
+        assert_eq!(l.limiter.slots.available_permits(), 1);
     }
 }

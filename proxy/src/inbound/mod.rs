@@ -19,12 +19,25 @@ pub type Stack = target::LocalTarget<
 >;
 
 pub fn stack(boot: &Bootstrap, pools: Arc<Pools>) -> Stack {
+    stack_with(
+        boot,
+        pools,
+        concurrency::ConcurrencyLayer::new(&boot.inbound),
+    )
+}
+
+/// The stack with a given concurrency layer, whose limit the caller may resize.
+pub fn stack_with(
+    boot: &Bootstrap,
+    pools: Arc<Pools>,
+    limit: concurrency::ConcurrencyLayer,
+) -> Stack {
     let local = target::LocalTargetLayer::new(boot);
     let fallback = local.metrics();
     ServiceBuilder::new()
         .layer(local)
         .layer(AccessLogLayer::new("inbound", fallback, boot.log.access))
-        .layer(concurrency::ConcurrencyLayer::new(&boot.inbound))
+        .layer(limit)
         .layer(DeadlineLayer)
         .layer(TimeoutLayer)
         .service(Forward::new(pools))

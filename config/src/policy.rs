@@ -1,0 +1,459 @@
+//! The policy files operators edit: mesh-wide defaults and per-target overrides, route rules,
+//! trace sampling, and the host/phase model. A directory of TOML files is read, checked
+//! strictly (every error names file, line and reason) and merged into one [`Policy`].
+//!
+//! A policy section is the same typed value the snapshot carries: [`TargetPolicy`] holds
+//! overrides of `Service` fields and [`Policy::snapshot`] writes them into each service, so a
+//! new per-target section is one field here plus one line in [`TargetPolicy::apply`].
+
+use crate::budget::{BudgetModel, HostModel, PhaseLimits, Pool};
+use crate::catalog::Catalog;
+use crate::load::{self, LoadError, Located};
+use crate::resilience::Resilience;
+use crate::snapshot::{check_name, invalid, Invalid, PathSeg, DEFAULT_TIMEOUT};
+use crate::{Defaults, Phase, Protocol, RouteRule, Service, Snapshot};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Overrides for one target (or, as `[defaults]`, for all). Unset fields inherit.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetPolicy {
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// Retries, breakers, ejection, fallback: each set here overrides the one below it.
+    #[serde(default)]
+    pub resilience: Resilience,
+}
+
+/// `[trace]`: the share of requests sampled for tracing.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trace {
+    pub sampling: f64,
+}
+
+/// The merged, validated policy of a directory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Policy {
+    pub defaults: TargetPolicy,
+    pub targets: BTreeMap<String, TargetPolicy>,
+    pub routes: Vec<RouteRule>,
+    pub trace: Option<Trace>,
+    pub budget: BudgetModel,
+}
+
+/// One file as written: every section optional; a section may be defined in one file only.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    defaults: Option<TargetPolicy>,
+    targets: Option<BTreeMap<String, TargetPolicy>>,
+    routes: Option<Vec<RouteRule>>,
+    trace: Option<Trace>,
+    host: Option<HostModel>,
+    pools: Option<BTreeMap<String, Pool>>,
+    phases: Option<BTreeMap<Phase, PhaseLimits>>,
+}
+
+/// Every problem found in a policy directory, one per line when displayed.
+#[derive(Debug, thiserror::Error)]
+pub struct PolicyErrors(pub Vec<LoadError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl PolicyErrors {
+    /// The first located error, for status reports.
+    pub fn first(&self) -> Option<&Located> {
+        self.0.iter().find_map(|e| e.located())
+    }
+}
+
+// === impl TargetPolicy ===
+
+impl TargetPolicy {
+    /// `self` over `base`: each field set here wins.
+    pub fn or(&self, base: &TargetPolicy) -> TargetPolicy {
+        TargetPolicy {
+            timeout: self.timeout.or(base.timeout),
+            protocol: self.protocol.or(base.protocol),
+            resilience: self.resilience.or(&base.resilience),
+        }
+    }
+
+    /// Writes the policy into a service of the snapshot.
+    pub fn apply(&self, svc: &mut Service) {
+        svc.timeout = self.timeout;
+        svc.protocol = self.protocol.unwrap_or_default();
+        svc.resilience = self.resilience.clone();
+    }
+
+    fn validate(&self, at: impl Fn(&'static str) -> Vec<PathSeg>) -> Result<(), Invalid> {
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(invalid(at("timeout"), "must be greater than zero"));
+        }
+        // Whether a fallback target exists depends on the catalog; the sidecar checks that.
+        self.resilience.validate(&at("resilience"), None, &|_| true)
+    }
+}
+
+// === impl Policy ===
+
+impl Policy {
+    /// The effective policy for a target: its overrides over the mesh-wide defaults.
+    pub fn target(&self, name: &str) -> TargetPolicy {
+        match self.targets.get(name) {
+            Some(t) => t.or(&self.defaults),
+            None => self.defaults.clone(),
+        }
+    }
+
+    /// The snapshot every sidecar shares (budget not yet set): the catalog's services with
+    /// their policy applied, and the route rules whose backend is currently discovered.
+    /// Returns the rules left out, so the caller can report them.
+    pub fn snapshot(&self, catalog: &Catalog, version: u64) -> (Snapshot, Vec<String>) {
+        let services = catalog
+            .services
+            .iter()
+            .map(|c| {
+                let mut svc = Service {
+                    name: c.name.clone(),
+                    phase: c.phase,
+                    protocol: Protocol::default(),
+                    endpoints: c.endpoints.clone(),
+                    timeout: None,
+                    resilience: Resilience::default(),
+                };
+                self.target(&c.name).apply(&mut svc);
+                svc
+            })
+            .collect();
+        let mut skipped = Vec::new();
+        let routes = self
+            .routes
+            .iter()
+            .filter(|r| {
+                let known = catalog.service(&r.backend).is_some();
+                if !known {
+                    skipped.push(format!(
+                        "route for {:?} skipped: backend {:?} is not discovered",
+                        r.authority, r.backend
+                    ));
+                }
+                known
+            })
+            .cloned()
+            .collect();
+        let snap = Snapshot {
+            version,
+            defaults: Defaults {
+                timeout: self.defaults.timeout.unwrap_or(DEFAULT_TIMEOUT),
+                resilience: self.defaults.resilience.clone(),
+            },
+            services,
+            routes,
+            budget: None,
+            trace: self.trace,
+        };
+        (snap, skipped)
+    }
+
+    fn validate(&self) -> Result<(), Invalid> {
+        use PathSeg::*;
+        self.defaults.validate(|k| vec![Key("defaults"), Key(k)])?;
+        for (name, t) in &self.targets {
+            check_name(name).map_err(|r| invalid(vec![Key("targets"), Name(name.clone())], r))?;
+            t.validate(|k| vec![Key("targets"), Name(name.clone()), Key(k)])?;
+        }
+        if let Some(t) = &self.trace {
+            if !(0.0..=1.0).contains(&t.sampling) {
+                return Err(invalid(
+                    vec![Key("trace"), Key("sampling")],
+                    "must be in [0, 1]",
+                ));
+            }
+        }
+        // Route syntax is checked against a stand-in service per backend; whether a backend
+        // exists is decided per catalog, not here.
+        let mut backends = BTreeSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            check_name(&r.backend)
+                .map_err(|e| invalid(vec![Key("routes"), Index(i), Key("backend")], e))?;
+            backends.insert(r.backend.clone());
+        }
+        let probe = Snapshot {
+            services: backends
+                .into_iter()
+                .map(|name| Service {
+                    name,
+                    phase: Phase::Specialized,
+                    protocol: Protocol::default(),
+                    endpoints: vec![],
+                    timeout: None,
+                    resilience: Resilience::default(),
+                })
+                .collect(),
+            routes: self.routes.clone(),
+            ..Snapshot::default()
+        };
+        probe.validate()?;
+        self.budget.validate()
+    }
+}
+
+/// A policy directory's `*.toml` files, in name order, as (path, text).
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
+    let read_err = |source| LoadError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).map_err(|source| LoadError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            Ok((p, text))
+        })
+        .collect()
+}
+
+/// Reads, checks and merges a policy directory.
+pub fn load_dir(dir: &Path) -> Result<Policy, PolicyErrors> {
+    let files = read_dir(dir).map_err(|e| PolicyErrors(vec![e]))?;
+    if files.is_empty() {
+        return Err(PolicyErrors(vec![LoadError::Invalid(Located {
+            file: dir.to_owned(),
+            line: 0,
+            reason: "no policy files (*.toml) in this directory".into(),
+        })]));
+    }
+    load_files(&files)
+}
+
+/// Checks and merges policy texts; `files` are (origin, text) in precedence-free order.
+pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
+    let mut errors = Vec::new();
+    let mut policy = Policy::default();
+    // Which file defined each section, to place semantic errors and duplicates.
+    let mut origin: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for (i, (path, text)) in files.iter().enumerate() {
+        let file: PolicyFile = match load::toml_str(path, text) {
+            Ok(f) => f,
+            Err(e) => {
+                errors.push(e);
+                continue;
+            }
+        };
+        let mut claim = |section: &'static str| -> bool {
+            if let Some(&first) = origin.get(section) {
+                let err = invalid(
+                    vec![PathSeg::Key(section)],
+                    format!("section already defined in {}", files[first].0.display()),
+                );
+                errors.push(LoadError::Invalid(load::locate(path, text, &err)));
+                return false;
+            }
+            origin.insert(section, i);
+            true
+        };
+        if let Some(v) = file.defaults {
+            if claim("defaults") {
+                policy.defaults = v;
+            }
+        }
+        if let Some(v) = file.targets {
+            if claim("targets") {
+                policy.targets = v;
+            }
+        }
+        if let Some(v) = file.routes {
+            if claim("routes") {
+                policy.routes = v;
+            }
+        }
+        if let Some(v) = file.trace {
+            if claim("trace") {
+                policy.trace = Some(v);
+            }
+        }
+        if let Some(v) = file.host {
+            if claim("host") {
+                policy.budget.host = v;
+            }
+        }
+        if let Some(v) = file.pools {
+            if claim("pools") {
+                policy.budget.pools = v;
+            }
+        }
+        if let Some(v) = file.phases {
+            if claim("phases") {
+                policy.budget.phases = v;
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    if let Err(e) = policy.validate() {
+        let section = match e.path.first() {
+            Some(PathSeg::Key(k)) => *k,
+            _ => "",
+        };
+        let err = match origin.get(section) {
+            Some(&i) => LoadError::Invalid(load::locate(&files[i].0, &files[i].1, &e)),
+            None => LoadError::Invalid(Located {
+                file: files.first().map(|f| f.0.clone()).unwrap_or_default(),
+                line: 0,
+                reason: e.to_string(),
+            }),
+        };
+        return Err(PolicyErrors(vec![err]));
+    }
+    Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::CatalogService;
+
+    fn load(files: &[(&str, &str)]) -> Result<Policy, PolicyErrors> {
+        let files: Vec<_> = files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), t.to_string()))
+            .collect();
+        load_files(&files)
+    }
+
+    fn err(files: &[(&str, &str)]) -> String {
+        load(files).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_shipped_policy_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("mesh");
+        let policy = load_dir(&dir).unwrap();
+        assert_eq!(policy.budget.phases.len(), 3);
+    }
+
+    #[test]
+    fn target_overrides_merge_into_each_service() {
+        let policy = load(&[(
+            "mesh.toml",
+            "[defaults]\ntimeout = \"10s\"\nprotocol = \"http2\"\n\
+             [targets.slow]\ntimeout = \"60s\"\n",
+        )])
+        .unwrap();
+        let catalog = Catalog::new(vec![
+            CatalogService {
+                name: "slow".into(),
+                phase: Phase::Critical,
+                endpoints: vec![],
+            },
+            CatalogService {
+                name: "fast".into(),
+                phase: Phase::Critical,
+                endpoints: vec![],
+            },
+        ]);
+        let (snap, _) = policy.snapshot(&catalog, 3);
+        snap.validate().unwrap();
+        let slow = snap.service("slow").unwrap();
+        assert_eq!(slow.timeout, Some(Duration::from_secs(60)));
+        assert_eq!(slow.protocol, Protocol::Http2);
+        assert_eq!(
+            snap.service("fast").unwrap().timeout,
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(snap.defaults.timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn unknown_key_wrong_type_and_range_name_file_and_line() {
+        assert_eq!(
+            err(&[("a.toml", "[defaults]\ntimeout = \"1s\"\nretries = 3\n")])
+                .split(':')
+                .take(2)
+                .collect::<Vec<_>>(),
+            ["a.toml", "3"]
+        );
+        assert!(err(&[("a.toml", "[trace]\nsampling = \"often\"\n")]).starts_with("a.toml:2:"));
+        let e = err(&[("a.toml", "[trace]\n\nsampling = 1.5\n")]);
+        assert_eq!(e, "a.toml:3: trace.sampling: must be in [0, 1]");
+    }
+
+    #[test]
+    fn unknown_phase_is_an_error_with_its_line() {
+        let e = err(&[(
+            "phases.toml",
+            "[phases.critical]\ncpus = 8\nmemory = \"16Gi\"\nagent_cpus = 2\nagent_memory = \"4Gi\"\n\
+             [pools.agent-x]\nmemory = \"1Gi\"\nphases = [\"urgent\"]\n",
+        )]);
+        assert!(e.starts_with("phases.toml:8:"), "{e}");
+        assert!(e.contains("urgent"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_placed_in_the_file_that_defines_the_section() {
+        let e = err(&[
+            ("a.toml", "[defaults]\ntimeout = \"1s\"\n"),
+            ("b.toml", "[host]\ncpus = 12\n\n[phases.critical]\ncpus = 2\nmemory = \"1Gi\"\nagent_cpus = 4\nagent_memory = \"1Gi\"\n"),
+        ]);
+        assert_eq!(
+            e,
+            "b.toml:7: phases.critical.agent_cpus: exceeds the phase's cpus"
+        );
+    }
+
+    #[test]
+    fn a_section_in_two_files_is_rejected() {
+        let e = err(&[
+            ("a.toml", "[trace]\nsampling = 0.1\n"),
+            ("b.toml", "\n[trace]\nsampling = 0.2\n"),
+        ]);
+        assert!(
+            e.starts_with("b.toml:2: trace: section already defined in a.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn routes_to_undiscovered_backends_are_left_out_and_reported() {
+        let policy = load(&[(
+            "r.toml",
+            "[[routes]]\nauthority = \"a\"\nbackend = \"gone\"\n",
+        )])
+        .unwrap();
+        let (snap, skipped) = policy.snapshot(&Catalog::default(), 1);
+        assert!(snap.routes.is_empty());
+        assert_eq!(skipped.len(), 1);
+    }
+}

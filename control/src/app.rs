@@ -1,0 +1,192 @@
+//! Wires the control process: sources, snapshot builder, HTTP API.
+
+use crate::catalog_file::{self, CatalogFile};
+use crate::consul::watch::{ConsulWatch, Params};
+use crate::consul::{ConsulClient, ConsulError};
+use crate::policy_watch::PolicyWatch;
+use crate::push::Push;
+use crate::snapshots::{Generation, Snapshots};
+use crate::status::{unix_ms, DiscoveryStatus, PolicyStatus, Sidecars, Status};
+use mesh_config::policy::{self, PolicyErrors};
+use mesh_config::{Catalog, LoadError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Where the catalog comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A Consul agent's HTTP API (`host:port`), watched with blocking queries.
+    Consul { address: String, params: Params },
+    /// A catalog TOML file, polled.
+    File(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub policy_dir: PathBuf,
+    pub source: Source,
+    /// How often the policy directory and a catalog file are checked for edits.
+    pub poll_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Policy(#[from] PolicyErrors),
+    #[error("{0}")]
+    Catalog(#[from] LoadError),
+    #[error("{0}")]
+    Consul(#[from] ConsulError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A started control process; [`Running::shutdown`] stops it and closes every connection.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    generations: watch::Receiver<Arc<Generation>>,
+    sidecars: Arc<Sidecars>,
+    status: Status,
+}
+
+/// Loads the policy (an invalid one stops the start), binds, and runs every task on the
+/// current runtime.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    let prometheus = crate::metrics::install();
+    let dir = cfg.policy_dir.clone();
+    let files = policy::read_dir(&dir).map_err(|e| PolicyErrors(vec![e]))?;
+    let initial_policy = policy::load_dir(&dir)?;
+    let (policy_tx, policy_rx) = watch::channel(Arc::new(initial_policy));
+    let (policy_status, policy_status_rx) = watch::channel(PolicyStatus {
+        applied_unix_ms: unix_ms(),
+        rejected: None,
+    });
+
+    let (stop, stopped) = watch::channel(false);
+    let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
+    let source_name = match cfg.source {
+        Source::Consul { .. } => "consul",
+        Source::File(_) => "file",
+    };
+    let (discovery, discovery_rx) = watch::channel(DiscoveryStatus {
+        source: source_name,
+        // Nothing discovered yet: say so until the first catalog arrives.
+        stale: matches!(cfg.source, Source::Consul { .. }),
+        ..Default::default()
+    });
+    let synced = match &cfg.source {
+        Source::File(path) => {
+            let (catalog, text) = catalog_file::load(path)?;
+            catalog_tx.send_replace(Arc::new(catalog));
+            discovery.send_modify(|s| s.synced_unix_ms = unix_ms());
+            let file = CatalogFile {
+                path: path.clone(),
+                every: cfg.poll_interval,
+                catalog: catalog_tx,
+                status: discovery,
+                current: text,
+            };
+            tokio::spawn(file.run(stopped.clone()));
+            true
+        }
+        Source::Consul { address, params } => {
+            let watch = ConsulWatch {
+                client: ConsulClient::new(address)?,
+                params: *params,
+                catalog: catalog_tx,
+                status: discovery,
+            };
+            tokio::spawn(watch.run(stopped.clone()));
+            false
+        }
+    };
+
+    let policy = PolicyWatch {
+        dir,
+        every: cfg.poll_interval,
+        policy: policy_tx,
+        status: policy_status,
+        seen: files,
+    };
+    tokio::spawn(policy.run(stopped.clone()));
+
+    let (gen_tx, gen_rx) = watch::channel(Arc::new(Generation::default()));
+    let builder = Snapshots {
+        catalog: catalog_rx,
+        policy: policy_rx,
+        out: gen_tx,
+        synced,
+    };
+    tokio::spawn(builder.run(stopped.clone()));
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let sidecars = Arc::new(Sidecars::default());
+    let status = Status {
+        discovery: discovery_rx,
+        policy: policy_status_rx,
+        generations: gen_rx.clone(),
+        sidecars: sidecars.clone(),
+    };
+    let push = Push {
+        generations: gen_rx.clone(),
+        sidecars: sidecars.clone(),
+        status: status.clone(),
+        prometheus,
+    };
+    tokio::spawn(push.serve(listener, stopped));
+    tracing::info!(%addr, source = source_name, policy = %cfg.policy_dir.display(), "control ready");
+    Ok(Running {
+        addr,
+        stop,
+        generations: gen_rx,
+        sidecars,
+        status,
+    })
+}
+
+// === impl Running ===
+
+impl Running {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The generations served; version 0 until the catalog source first syncs.
+    pub fn generations(&self) -> watch::Receiver<Arc<Generation>> {
+        self.generations.clone()
+    }
+
+    pub fn sidecars(&self) -> &Arc<Sidecars> {
+        &self.sidecars
+    }
+
+    /// The same document `/status` serves.
+    pub fn status(&self) -> serde_json::Value {
+        self.status.render()
+    }
+
+    /// Stops every task and closes every connection.
+    pub fn shutdown(self) {
+        self.stop.send_replace(true);
+    }
+}

@@ -1,0 +1,65 @@
+//! Budgets for the current policy and catalog: the host (as configured or read from the
+//! machine), minus reserved pools, split among phases and agents; exported as metrics.
+
+use mesh_config::budget::HostModel;
+use mesh_config::units::ByteSize;
+use mesh_config::{BudgetReport, Catalog, Policy};
+
+/// The host capacity to budget: the policy's figures, or the machine's when `detect` is set.
+pub fn host(model: &HostModel) -> (f64, ByteSize) {
+    if !model.detect {
+        return (model.cpus, model.memory);
+    }
+    let cpus = std::thread::available_parallelism().map_or(model.cpus, |n| n.get() as f64);
+    let memory = mem_total().unwrap_or(model.memory);
+    (cpus, memory)
+}
+
+fn mem_total() -> Option<ByteSize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(ByteSize(kib * 1024))
+}
+
+/// `None` when the policy models no phases.
+pub fn compute(policy: &Policy, catalog: &Catalog) -> Option<BudgetReport> {
+    if policy.budget.phases.is_empty() {
+        return None;
+    }
+    let (cpus, memory) = host(&policy.budget.host);
+    let report = policy
+        .budget
+        .compute(cpus, memory, |phase| catalog.agents_in(phase));
+    export(&report);
+    Some(report)
+}
+
+fn export(r: &BudgetReport) {
+    use crate::metrics::*;
+    for (phase, b) in &r.phases {
+        let p = phase.as_str();
+        for (kind, cpus, mem) in [
+            ("requested", b.requested_cpus, b.requested_memory),
+            ("granted", b.granted_cpus, b.granted_memory),
+            ("agent", b.agent.cpus, b.agent.memory),
+        ] {
+            metrics::gauge!(BUDGET_CPUS, "phase" => p, "kind" => kind).set(cpus);
+            metrics::gauge!(BUDGET_MEMORY, "phase" => p, "kind" => kind).set(mem.0 as f64);
+        }
+    }
+    metrics::gauge!(BUDGET_SCALE, "resource" => "cpu").set(r.cpu_scale);
+    metrics::gauge!(BUDGET_SCALE, "resource" => "memory").set(r.memory_scale);
+    metrics::gauge!(BUDGET_OVERSUBSCRIBED).set(if r.oversubscribed { 1.0 } else { 0.0 });
+    if r.oversubscribed {
+        tracing::warn!(
+            requested_cpus = r.requested_cpus,
+            available_cpus = r.available_cpus,
+            cpu_scale = r.cpu_scale,
+            requested_memory = %r.requested_memory,
+            available_memory = %r.available_memory,
+            memory_scale = r.memory_scale,
+            "phases ask for more than the host has; slices scaled down proportionally"
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! The mesh control process. Read it in data order: `consul::watch` or `catalog_file` (the
+//! catalog) and `policy_watch` (the policy) -> `budget_engine` -> `snapshots` (versioned
+//! per-phase views) -> `push` (long-poll to sidecars) and `status`. `app` wires it all.
+//!
+//! The process is stateless: everything it serves derives from the catalog source and the
+//! policy files, so instances can run side by side and a restart loses nothing.
+
+pub mod app;
+pub mod budget_engine;
+pub mod catalog_file;
+pub mod consul;
+pub mod metrics;
+pub mod policy_watch;
+pub mod push;
+pub mod snapshots;
+pub mod status;
+
+pub use app::{start, Config, Running, Source, StartError};
+
+/// Resolves once a stop flag is set (or its sender is gone).
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,151 @@
+//! `mesh-control [run] [options]` and `mesh-control validate DIR`: parse arguments, build the
+//! runtime, handle signals.
+
+use mesh_control::consul::watch::Params;
+use mesh_control::{Config, Source};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "usage:
+  mesh-control [run] [--listen ADDR] [--policy DIR] [--consul HOST:PORT | --catalog FILE]
+                     [--poll DURATION] [--log LEVEL]
+      Serves snapshots to sidecars. Defaults: --listen 127.0.0.1:15100, --policy config/mesh,
+      --catalog config/local/catalog.toml, --poll 1s.
+  mesh-control validate DIR
+      Checks the policy files in DIR; prints every error as file:line: reason; exits 1 on error.";
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("validate") => return validate(&args[1..]),
+        Some("run") => {
+            args.remove(0);
+        }
+        Some("--help" | "-h") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("--version" | "-V") => {
+            println!("mesh-control {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
+    let (cfg, level) = match parse_run(args) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("mesh-control: {msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    init_log(&level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("mesh-control")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh-control: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(cfg))
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    let running = match mesh_control::start(cfg).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("mesh-control: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("mesh-control: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    let sig = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    // Nothing to drain: sidecars keep their snapshot and reconnect to another instance.
+    tracing::info!(signal = sig, "stopping");
+    running.shutdown();
+    ExitCode::SUCCESS
+}
+
+fn validate(args: &[String]) -> ExitCode {
+    let [dir] = args else {
+        eprintln!("mesh-control: validate takes one directory\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    match mesh_config::policy::load_dir(&PathBuf::from(dir)) {
+        Ok(_) => {
+            println!("{dir}: ok");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
+    let mut cfg = Config {
+        listen: ([127, 0, 0, 1], 15100).into(),
+        policy_dir: "config/mesh".into(),
+        source: Source::File("config/local/catalog.toml".into()),
+        poll_interval: Duration::from_secs(1),
+    };
+    let mut level = "info".to_owned();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--listen" => {
+                let v = value()?;
+                cfg.listen = v
+                    .parse()
+                    .map_err(|_| format!("--listen: {v:?} is not ip:port"))?;
+            }
+            "--policy" => cfg.policy_dir = value()?.into(),
+            "--catalog" => cfg.source = Source::File(value()?.into()),
+            "--consul" => {
+                cfg.source = Source::Consul {
+                    address: value()?,
+                    params: Params::default(),
+                }
+            }
+            "--poll" => {
+                let v = value()?;
+                cfg.poll_interval = humantime::parse_duration(&v)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("--poll: {v:?} is not a duration"))?;
+            }
+            "--log" => level = value()?,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok((cfg, level))
+}
+
+fn init_log(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .init();
+}

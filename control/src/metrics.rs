@@ -1,0 +1,74 @@
+//! Every metric the control process exports. Label sets are bounded: phases, resources,
+//! results.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const CATALOG_STALE: &str = "mesh_control_catalog_stale";
+pub const CATALOG_SERVICES: &str = "mesh_control_catalog_services";
+pub const CONSUL_ERRORS: &str = "mesh_control_consul_errors_total";
+pub const CATALOG_FILE_REJECTIONS: &str = "mesh_control_catalog_file_rejections_total";
+pub const POLICY_APPLIED: &str = "mesh_control_policy_applied_total";
+pub const POLICY_REJECTIONS: &str = "mesh_control_policy_rejections_total";
+pub const POLICY_REJECTED: &str = "mesh_control_policy_rejected";
+pub const SNAPSHOT_VERSION: &str = "mesh_control_snapshot_version";
+pub const SUBSCRIBERS: &str = "mesh_control_subscribers";
+pub const ACKS: &str = "mesh_control_acks_total";
+pub const BUDGET_CPUS: &str = "mesh_control_budget_cpus";
+pub const BUDGET_MEMORY: &str = "mesh_control_budget_memory_bytes";
+pub const BUDGET_SCALE: &str = "mesh_control_budget_scale";
+pub const BUDGET_OVERSUBSCRIBED: &str = "mesh_control_budget_oversubscribed";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls return the same handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (a test process embedding sidecars).
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, Unit};
+    describe_gauge!(
+        CATALOG_STALE,
+        "1 while discovery fails and the last catalog is served."
+    );
+    describe_gauge!(CATALOG_SERVICES, "Mesh services in the catalog.");
+    describe_counter!(CONSUL_ERRORS, "Failed Consul queries.");
+    describe_counter!(
+        CATALOG_FILE_REJECTIONS,
+        "Catalog file edits rejected as invalid."
+    );
+    describe_counter!(POLICY_APPLIED, "Policy edits applied.");
+    describe_counter!(POLICY_REJECTIONS, "Policy edits rejected as invalid.");
+    describe_gauge!(
+        POLICY_REJECTED,
+        "1 while the policy files on disk are rejected."
+    );
+    describe_gauge!(SNAPSHOT_VERSION, "Version of the snapshot served.");
+    describe_gauge!(SUBSCRIBERS, "Long-polls waiting for a new snapshot.");
+    describe_counter!(ACKS, "Sidecar reports, by result (applied, rejected).");
+    describe_gauge!(
+        BUDGET_CPUS,
+        "CPU budget by phase and kind (requested, granted, agent)."
+    );
+    describe_gauge!(
+        BUDGET_MEMORY,
+        Unit::Bytes,
+        "Memory budget by phase and kind (requested, granted, agent)."
+    );
+    describe_gauge!(
+        BUDGET_SCALE,
+        "Factor applied to phase requests, by resource (1 = fits)."
+    );
+    describe_gauge!(
+        BUDGET_OVERSUBSCRIBED,
+        "1 when the phases ask for more than the host has."
+    );
+}

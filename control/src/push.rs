@@ -1,0 +1,250 @@
+//! The control process's HTTP API: snapshot long-poll, sidecar reports, status, metrics.
+//!
+//! `GET /v1/snapshot?agent=A&phase=P&version=N[&wait=30s]` answers at once with the current
+//! generation when its version differs from N, else waits up to `wait` for a new one and
+//! answers `304` when none came. `POST /v1/ack` takes `{"agent", "version", "rejected"?}`.
+
+use crate::snapshots::Generation;
+use crate::status::{Ack, Sidecars, Status};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use mesh_config::Phase;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// Longest wait a long-poll may ask for.
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// Header carrying the version of the snapshot in a response.
+pub const VERSION_HEADER: &str = "x-mesh-version";
+
+pub struct Push {
+    pub generations: watch::Receiver<Arc<Generation>>,
+    pub sidecars: Arc<Sidecars>,
+    pub status: Status,
+    pub prometheus: &'static PrometheusHandle,
+}
+
+struct Poll {
+    agent: String,
+    phase: Option<Phase>,
+    version: u64,
+    wait: Duration,
+}
+
+// === impl Push ===
+
+impl Push {
+    pub async fn serve(self, listener: TcpListener, stop: watch::Receiver<bool>) {
+        let push = Arc::new(self);
+        let mut accept_stop = stop.clone();
+        loop {
+            let stream = tokio::select! {
+                _ = crate::stopped(&mut accept_stop) => return,
+                res = listener.accept() => match res {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors, most likely: let connections close before retrying.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let push = push.clone();
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let push = push.clone();
+                    async move { Ok::<_, Infallible>(push.handle(req).await) }
+                });
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+                // A stopped control process closes every connection, long-polls included.
+                tokio::select! {
+                    res = conn => if let Err(e) = res {
+                        tracing::debug!(error = %e, "connection ended");
+                    },
+                    _ = crate::stopped(&mut stop) => {}
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/v1/snapshot") => match parse_poll(req.uri().query().unwrap_or("")) {
+                Ok(poll) => self.snapshot(poll).await,
+                Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
+            },
+            (&Method::POST, "/v1/ack") => self.ack(req).await,
+            (&Method::GET, "/status") => json(StatusCode::OK, self.status.render().to_string()),
+            (&Method::GET, "/health") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+            (&Method::GET, "/metrics") => {
+                let mut rsp = Response::new(Full::new(Bytes::from(self.prometheus.render())));
+                rsp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                rsp
+            }
+            (_, "/v1/snapshot" | "/v1/ack" | "/status" | "/health" | "/metrics") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    async fn snapshot(&self, poll: Poll) -> Response<Full<Bytes>> {
+        self.sidecars.contact(&poll.agent, poll.phase, poll.version);
+        let mut rx = self.generations.clone();
+        let current = rx.borrow_and_update().clone();
+        // Version 0 is "not synced": never served, so a sidecar keeps what it has.
+        if current.version != 0 && current.version != poll.version {
+            return self.answer(&poll, &current);
+        }
+        let gauge = ::metrics::gauge!(crate::metrics::SUBSCRIBERS);
+        gauge.increment(1.0);
+        let wait = poll.wait + jitter(poll.wait);
+        let changed = tokio::time::timeout(
+            wait,
+            rx.wait_for(|g| g.version != 0 && g.version != poll.version),
+        )
+        .await;
+        gauge.decrement(1.0);
+        match changed {
+            Ok(Ok(gen)) => {
+                let gen = gen.clone();
+                self.answer(&poll, &gen)
+            }
+            _ => {
+                let mut rsp = Response::new(Full::default());
+                *rsp.status_mut() = StatusCode::NOT_MODIFIED;
+                rsp.headers_mut()
+                    .insert(VERSION_HEADER, HeaderValue::from(poll.version));
+                rsp
+            }
+        }
+    }
+
+    fn answer(&self, poll: &Poll, gen: &Generation) -> Response<Full<Bytes>> {
+        // The catalog knows an agent's phase; a sidecar not (yet) in it says its own.
+        let phase = gen
+            .snapshot
+            .service(&poll.agent)
+            .map(|s| s.phase)
+            .or(poll.phase);
+        let mut rsp = json(StatusCode::OK, String::new());
+        *rsp.body_mut() = Full::new(gen.view(phase));
+        rsp.headers_mut()
+            .insert(VERSION_HEADER, HeaderValue::from(gen.version));
+        rsp
+    }
+
+    async fn ack(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB"),
+        };
+        let ack: Ack = match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+        };
+        if let Some(reason) = &ack.rejected {
+            tracing::warn!(agent = %ack.agent, version = ack.version, %reason,
+                "sidecar rejected a snapshot");
+        }
+        self.sidecars.ack(&ack);
+        let mut rsp = Response::new(Full::default());
+        *rsp.status_mut() = StatusCode::NO_CONTENT;
+        rsp
+    }
+}
+
+/// Up to 1/16 of the wait, as Consul does, so long-polls that started together do not all
+/// come back together.
+fn jitter(wait: Duration) -> Duration {
+    (wait / 16).mul_f64(fastrand::f64())
+}
+
+fn parse_poll(query: &str) -> Result<Poll, String> {
+    let mut poll = Poll {
+        agent: String::new(),
+        phase: None,
+        version: 0,
+        wait: DEFAULT_WAIT,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "agent" => poll.agent = v.to_owned(),
+            "phase" => {
+                poll.phase = Some(
+                    Phase::ALL
+                        .into_iter()
+                        .find(|p| p.as_str() == v)
+                        .ok_or_else(|| format!("unknown phase {v:?}"))?,
+                )
+            }
+            "version" => {
+                poll.version = v
+                    .parse()
+                    .map_err(|_| format!("version {v:?} is not a number"))?
+            }
+            "wait" => {
+                poll.wait = humantime::parse_duration(v)
+                    .map_err(|_| format!("wait {v:?} is not a duration (e.g. 30s)"))?
+                    .min(MAX_WAIT)
+            }
+            _ => return Err(format!("unknown parameter {k:?}")),
+        }
+    }
+    let valid = !poll.agent.is_empty()
+        && poll.agent.len() <= 63
+        && poll
+            .agent
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err("agent: a service name is required (lower-case letters, digits, '-')".into());
+    }
+    Ok(poll)
+}
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    json(status, serde_json::json!({ "error": reason }).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_parameters_are_checked() {
+        let p = parse_poll("agent=a-1&phase=critical&version=7&wait=5s").unwrap();
+        assert_eq!((p.agent.as_str(), p.version), ("a-1", 7));
+        assert_eq!(p.wait, Duration::from_secs(5));
+        assert!(parse_poll("agent=a&phase=urgent").is_err());
+        assert!(parse_poll("version=1").is_err());
+        assert!(parse_poll("agent=a&bogus=1").is_err());
+        assert_eq!(parse_poll("agent=a&wait=1h").unwrap().wait, MAX_WAIT);
+    }
+}

@@ -1,0 +1,194 @@
+//! What `/status` reports: the discovery source and whether it is stale, the policy in force
+//! and the last rejection, the budgets, and every sidecar with its version, ack state and
+//! last contact.
+
+use crate::snapshots::Generation;
+use mesh_config::Phase;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The state of the catalog source.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DiscoveryStatus {
+    pub source: &'static str,
+    /// The catalog served is the last known one; the source is failing.
+    pub stale: bool,
+    pub last_error: Option<String>,
+    /// When the catalog last changed (0: never synced).
+    pub synced_unix_ms: u64,
+}
+
+/// The policy files' state: when the policy in force was applied, and the last rejection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PolicyStatus {
+    pub applied_unix_ms: u64,
+    pub rejected: Option<Rejection>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Rejection {
+    pub file: String,
+    pub line: usize,
+    pub reason: String,
+    /// Every error found, one `file:line: reason` each.
+    pub errors: Vec<String>,
+    pub at_unix_ms: u64,
+}
+
+/// A sidecar's report about a version: applied, or rejected with a reason.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub agent: String,
+    pub version: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
+}
+
+#[derive(Debug)]
+struct Sidecar {
+    phase: Option<Phase>,
+    applied: u64,
+    rejected: Option<(u64, String)>,
+    last_contact: Instant,
+}
+
+/// Every sidecar that has polled or reported. Touched per poll and per ack, never on a
+/// data path.
+#[derive(Debug)]
+pub struct Sidecars {
+    inner: Mutex<HashMap<Box<str>, Sidecar>>,
+    acks: watch::Sender<u64>,
+}
+
+// === impl Sidecars ===
+
+impl Default for Sidecars {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(HashMap::new()),
+            acks: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Sidecars {
+    fn with<R>(&self, agent: &str, f: impl FnOnce(&mut Sidecar) -> R) -> R {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = match map.get_mut(agent) {
+            Some(e) => e,
+            None => map.entry(agent.into()).or_insert(Sidecar {
+                phase: None,
+                applied: 0,
+                rejected: None,
+                last_contact: Instant::now(),
+            }),
+        };
+        f(entry)
+    }
+
+    /// A long-poll arrived; `version` is what the sidecar has in force.
+    pub fn contact(&self, agent: &str, phase: Option<Phase>, version: u64) {
+        self.with(agent, |s| {
+            s.last_contact = Instant::now();
+            s.phase = phase.or(s.phase);
+            if version > 0 {
+                s.applied = version;
+            }
+        });
+    }
+
+    pub fn ack(&self, ack: &Ack) {
+        self.with(&ack.agent, |s| {
+            s.last_contact = Instant::now();
+            match &ack.rejected {
+                None => s.applied = ack.version,
+                Some(reason) => s.rejected = Some((ack.version, reason.clone())),
+            }
+        });
+        let result = if ack.rejected.is_some() {
+            "rejected"
+        } else {
+            "applied"
+        };
+        ::metrics::counter!(crate::metrics::ACKS, "result" => result).increment(1);
+        self.acks.send_modify(|n| *n += 1);
+    }
+
+    /// Bumps on every ack, so callers can wait for a condition without polling.
+    pub fn acks(&self) -> watch::Receiver<u64> {
+        self.acks.subscribe()
+    }
+
+    /// Sidecars that have applied `version`.
+    pub fn applied(&self, version: u64) -> usize {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().filter(|s| s.applied == version).count()
+    }
+
+    fn report(&self, current: u64) -> Vec<serde_json::Value> {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = map
+            .iter()
+            .map(|(agent, s)| {
+                let (ack, reason) = match &s.rejected {
+                    Some((v, reason)) if *v == current => ("rejected", Some(reason.clone())),
+                    _ if s.applied == current => ("applied", None),
+                    _ => ("pending", None),
+                };
+                json!({
+                    "agent": &**agent,
+                    "phase": s.phase,
+                    "version": s.applied,
+                    "ack": ack,
+                    "reason": reason,
+                    "last_contact_ms_ago": s.last_contact.elapsed().as_millis() as u64,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| a["agent"].as_str().cmp(&b["agent"].as_str()));
+        rows
+    }
+}
+
+/// The views `/status` renders.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub discovery: watch::Receiver<DiscoveryStatus>,
+    pub policy: watch::Receiver<PolicyStatus>,
+    pub generations: watch::Receiver<Arc<Generation>>,
+    pub sidecars: Arc<Sidecars>,
+}
+
+// === impl Status ===
+
+impl Status {
+    pub fn render(&self) -> serde_json::Value {
+        let gen = self.generations.borrow().clone();
+        let discovery = self.discovery.borrow().clone();
+        let policy = self.policy.borrow().clone();
+        json!({
+            "snapshot_version": gen.version,
+            "catalog": {
+                "source": discovery.source,
+                "stale": discovery.stale,
+                "last_error": discovery.last_error,
+                "synced_unix_ms": discovery.synced_unix_ms,
+                "services": gen.snapshot.services.len(),
+                "skipped_routes": gen.skipped,
+            },
+            "policy": policy,
+            "budget": gen.budget,
+            "sidecars": self.sidecars.report(gen.version),
+        })
+    }
+}

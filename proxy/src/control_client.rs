@@ -1,0 +1,262 @@
+//! The sidecar's side of the control channel: long-polls the control process for a newer
+//! snapshot, applies it through [`State::apply`], reports applied or rejected, and persists the
+//! last good snapshot so a restart while control is unreachable starts from it. When control is
+//! unreachable the snapshot in force stays and the client retries with jittered backoff.
+
+use crate::bootstrap::Control;
+use crate::state::State;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use mesh_config::backoff::Backoff;
+use mesh_config::{Phase, Snapshot};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Largest snapshot body accepted.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// Why one exchange with the control process failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control {addr}: {source}")]
+    Transport {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("control {addr}: no answer within {after:?}")]
+    Timeout {
+        addr: std::net::SocketAddr,
+        after: Duration,
+    },
+    #[error("control {addr}: reading the body failed: {reason}")]
+    Body {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
+    #[error("control {addr}: status {status}")]
+    Status {
+        addr: std::net::SocketAddr,
+        status: StatusCode,
+    },
+}
+
+pub struct ControlClient {
+    cfg: Control,
+    agent: String,
+    phase: Phase,
+    state: Arc<State>,
+    http: Client<HttpConnector, Full<Bytes>>,
+    /// The highest version received, applied or rejected: the next poll waits for a newer one
+    /// instead of fetching a rejected version again.
+    seen: u64,
+}
+
+/// Reads a persisted snapshot; a missing or unreadable file is `None` (and logged).
+pub fn load_persisted(path: &Path) -> Option<Snapshot> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the persisted snapshot");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Snapshot>(&bytes).map(|s| (s.validate(), s)) {
+        Ok((Ok(()), snap)) => Some(snap),
+        Ok((Err(e), _)) => {
+            tracing::warn!(file = %path.display(), error = %e, "persisted snapshot is invalid; ignoring it");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "persisted snapshot is not JSON; ignoring it");
+            None
+        }
+    }
+}
+
+/// Writes `body` next to `path` and renames it into place, so a crash leaves either the old
+/// file or the new one, never half of one.
+async fn persist(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    tokio::fs::write(&tmp, body).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+// === impl ControlClient ===
+
+impl ControlClient {
+    pub fn new(cfg: Control, agent: &str, phase: Phase, state: Arc<State>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(2)
+            .build(connector);
+        let seen = state.load().version();
+        Self {
+            cfg,
+            agent: agent.to_owned(),
+            phase,
+            state,
+            http,
+            seen,
+        }
+    }
+
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), self.cfg.max_backoff);
+        let mut failing = false;
+        loop {
+            let delay = tokio::select! {
+                res = self.poll_once() => match res {
+                    Ok(()) => {
+                        if failing {
+                            tracing::info!(control = %self.cfg.address, "control reachable again");
+                        }
+                        failing = false;
+                        backoff.reset();
+                        None
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, version = self.state.load().version(),
+                                "control unreachable; keeping the snapshot in force");
+                        }
+                        failing = true;
+                        Some(backoff.next_delay())
+                    }
+                },
+                _ = crate::drain::stopped(&mut stop) => return,
+            };
+            if let Some(delay) = delay {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = crate::drain::stopped(&mut stop) => return,
+                }
+            }
+        }
+    }
+
+    async fn poll_once(&mut self) -> Result<(), ControlError> {
+        let pq = format!(
+            "/v1/snapshot?agent={}&phase={}&version={}&wait={}ms",
+            self.agent,
+            self.phase,
+            self.seen,
+            self.cfg.wait.as_millis()
+        );
+        let limit = self.cfg.wait + self.cfg.wait / 16 + Duration::from_secs(5);
+        let (status, body) = self.call(Method::GET, &pq, Bytes::new(), limit).await?;
+        match status {
+            StatusCode::NOT_MODIFIED => Ok(()),
+            StatusCode::OK => {
+                self.receive(body).await;
+                Ok(())
+            }
+            status => Err(ControlError::Status {
+                addr: self.cfg.address,
+                status,
+            }),
+        }
+    }
+
+    async fn receive(&mut self, body: Bytes) {
+        let parsed = serde_json::from_slice::<Snapshot>(&body)
+            .map_err(|e| (0, format!("not a snapshot: {e}")))
+            .and_then(|s| match s.validate() {
+                Ok(()) => Ok(s),
+                Err(e) => Err((s.version, e.to_string())),
+            });
+        match parsed {
+            Ok(snap) => {
+                let version = snap.version;
+                self.seen = version;
+                self.state.apply(snap);
+                tracing::info!(version, "snapshot from control applied");
+                if let Some(path) = &self.cfg.persist {
+                    if let Err(e) = persist(path, &body).await {
+                        tracing::warn!(file = %path.display(), error = %e,
+                            "cannot persist the snapshot; a restart will not start from it");
+                    }
+                }
+                self.ack(version, None).await;
+            }
+            Err((version, reason)) => {
+                tracing::error!(version, %reason, in_force = self.state.load().version(),
+                    "snapshot from control rejected; keeping the snapshot in force");
+                self.state.reject();
+                self.seen = self.seen.max(version);
+                self.ack(version, Some(reason)).await;
+            }
+        }
+    }
+
+    /// Best effort: a lost report is repeated implicitly by the next poll's `version`.
+    async fn ack(&self, version: u64, rejected: Option<String>) {
+        let body = serde_json::json!({
+            "agent": self.agent,
+            "version": version,
+            "rejected": rejected,
+        });
+        let res = self
+            .call(
+                Method::POST,
+                "/v1/ack",
+                Bytes::from(body.to_string()),
+                Duration::from_secs(5),
+            )
+            .await;
+        if let Err(e) = res {
+            tracing::debug!(error = %e, version, "report to control failed");
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        pq: &str,
+        body: Bytes,
+        limit: Duration,
+    ) -> Result<(StatusCode, Bytes), ControlError> {
+        let addr = self.cfg.address;
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query(pq)
+            .build()
+            .expect("an address and an ASCII path make a URI");
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("a request from valid parts");
+        let exchange = async {
+            let rsp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|source| ControlError::Transport { addr, source })?;
+            let status = rsp.status();
+            let body = Limited::new(rsp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| ControlError::Body {
+                    addr,
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or(Err(ControlError::Timeout { addr, after: limit }))
+    }
+}

@@ -1,0 +1,260 @@
+//! The control process under test, in-process through `mesh_control::start`: a temporary
+//! directory holds its policy files (a copy of the shipped `config/mesh`) and, unless it
+//! watches a Consul double, its catalog file; the test may rewrite both. The control process
+//! can be stopped and started again on the same address.
+//!
+//! ```ignore
+//! let control = control::builder().catalog(&catalog(&[("b", "critical", &[b.addr()])])).start().await;
+//! let proxy = proxy::builder().bootstrap_extra(&control.sidecar_toml(None)).start().await;
+//! ```
+
+use crate::bounded;
+use mesh_control::consul::watch::Params;
+use mesh_control::{Config, Running, Source};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tempfile::TempDir;
+
+pub struct Builder {
+    catalog: String,
+    consul: Option<SocketAddr>,
+    policy: Vec<(String, String)>,
+}
+
+pub struct TestControl {
+    running: Option<Running>,
+    cfg: Config,
+    addr: SocketAddr,
+    dir: TempDir,
+}
+
+pub fn builder() -> Builder {
+    Builder {
+        catalog: String::new(),
+        consul: None,
+        policy: Vec::new(),
+    }
+}
+
+/// Catalog file text for `(name, phase, endpoints)` entries.
+pub fn catalog(services: &[(&str, &str, &[SocketAddr])]) -> String {
+    let mut out = String::new();
+    for (name, phase, eps) in services {
+        let eps: Vec<String> = eps.iter().map(|a| format!("{:?}", a.to_string())).collect();
+        out.push_str(&format!(
+            "[[services]]\nname = {name:?}\nphase = {phase:?}\nendpoints = [{}]\n\n",
+            eps.join(", ")
+        ));
+    }
+    out
+}
+
+/// The shipped policy directory (`config/mesh`).
+pub fn shipped_policy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/mesh")
+}
+
+// === impl Builder ===
+
+impl Builder {
+    pub fn catalog(mut self, text: &str) -> Self {
+        self.catalog = text.to_owned();
+        self
+    }
+
+    /// Discovers from a Consul (double) instead of a catalog file.
+    pub fn consul(mut self, addr: SocketAddr) -> Self {
+        self.consul = Some(addr);
+        self
+    }
+
+    /// Adds or replaces a policy file (by name) in the copied policy directory.
+    pub fn policy_file(mut self, name: &str, text: &str) -> Self {
+        self.policy.push((name.to_owned(), text.to_owned()));
+        self
+    }
+
+    pub async fn start(self) -> TestControl {
+        let dir = tempfile::tempdir().expect("temp dir for control files");
+        let policy_dir = dir.path().join("policy");
+        std::fs::create_dir(&policy_dir).expect("policy dir");
+        for entry in std::fs::read_dir(shipped_policy()).expect("read config/mesh") {
+            let path = entry.expect("dir entry").path();
+            std::fs::copy(&path, policy_dir.join(path.file_name().expect("file name")))
+                .expect("copy a policy file");
+        }
+        for (name, text) in &self.policy {
+            std::fs::write(policy_dir.join(name), text).expect("write a policy file");
+        }
+        let source = match self.consul {
+            Some(addr) => Source::Consul {
+                address: addr.to_string(),
+                params: Params {
+                    wait: Duration::from_secs(5),
+                    min_interval: Duration::from_millis(50),
+                    backoff_base: Duration::from_millis(20),
+                    backoff_max: Duration::from_millis(200),
+                },
+            },
+            None => {
+                let path = dir.path().join("catalog.toml");
+                std::fs::write(&path, &self.catalog).expect("write the catalog file");
+                Source::File(path)
+            }
+        };
+        let cfg = Config {
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            policy_dir,
+            source,
+            poll_interval: Duration::from_millis(20),
+        };
+        let running = bounded("mesh_control::start", mesh_control::start(cfg.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("the control process failed to start: {e}"));
+        let addr = running.addr();
+        TestControl {
+            running: Some(running),
+            cfg: Config {
+                listen: addr,
+                ..cfg
+            },
+            addr,
+            dir,
+        }
+    }
+}
+
+// === impl TestControl ===
+
+impl TestControl {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn running(&self) -> &Running {
+        self.running
+            .as_ref()
+            .expect("the control process is running")
+    }
+
+    /// A `[control]` bootstrap section for a sidecar; `persist` keeps its last snapshot.
+    pub fn sidecar_toml(&self, persist: Option<&Path>) -> String {
+        let mut out = format!(
+            "\n[control]\naddress = \"{}\"\nwait = \"5s\"\nmax_backoff = \"100ms\"\n",
+            self.addr
+        );
+        if let Some(p) = persist {
+            out.push_str(&format!("persist = {:?}\n", p.display().to_string()));
+        }
+        out
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.path().join("policy")
+    }
+
+    /// Replaces a policy file by rename, as editors do.
+    pub fn write_policy(&self, name: &str, text: &str) {
+        crate::proxy::replace_file(&self.policy_dir().join(name), text);
+    }
+
+    pub fn write_catalog(&self, text: &str) {
+        crate::proxy::replace_file(&self.dir.path().join("catalog.toml"), text);
+    }
+
+    /// The `/status` document.
+    pub fn status(&self) -> Value {
+        self.running().status()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.running().generations().borrow().version
+    }
+
+    /// Waits for a served version other than `than` (0: the first one); returns it.
+    pub async fn wait_version_after(&self, than: u64) -> u64 {
+        let mut rx = self.running().generations();
+        bounded(&format!("a snapshot version after {than}"), async move {
+            rx.wait_for(|g| g.version != 0 && g.version != than)
+                .await
+                .expect("control alive")
+                .version
+        })
+        .await
+    }
+
+    /// Waits until `n` sidecars have reported `version` applied.
+    pub async fn wait_applied(&self, version: u64, n: usize) {
+        let sidecars = self.running().sidecars().clone();
+        let mut acks = sidecars.acks();
+        bounded(
+            &format!("{n} sidecars to apply version {version}"),
+            async move {
+                while sidecars.applied(version) < n {
+                    acks.changed().await.expect("control alive");
+                }
+            },
+        )
+        .await
+    }
+
+    /// Waits until the `/status` document satisfies `check`.
+    pub async fn wait_status(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let running = self.running();
+        crate::eventually(what, || {
+            let s = running.status();
+            let done = check(&s);
+            async move { done.then_some(s) }
+        })
+        .await
+    }
+
+    /// Stops the control process: every connection closes, sidecars see it gone.
+    pub fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown();
+        }
+    }
+
+    /// Starts it again on the same address with the same files.
+    pub async fn restart(&mut self) {
+        let cfg = self.cfg.clone();
+        let running = bounded("mesh_control::start again", async move {
+            loop {
+                match mesh_control::start(cfg.clone()).await {
+                    Ok(r) => return r,
+                    // The old listener may take a moment to close after the stop.
+                    Err(mesh_control::StartError::Bind { .. }) => tokio::task::yield_now().await,
+                    Err(e) => panic!("the control process failed to restart: {e}"),
+                }
+            }
+        })
+        .await;
+        self.running = Some(running);
+    }
+}
+
+impl Drop for TestControl {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The `mesh-control` binary beside the test binary (`target/<profile>/`); `cargo test
+/// --workspace` builds it.
+pub fn binary_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps/")
+        .join(format!("mesh-control{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p mesh-control` first",
+        bin.display()
+    );
+    bin
+}
