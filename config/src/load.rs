@@ -121,7 +121,11 @@ fn item_start(item: &toml_edit::Item) -> Option<usize> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let offset = offset.min(text.len());
-    text.as_bytes()[..offset].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -157,7 +161,10 @@ timeout = "2s"
         .unwrap();
         assert_eq!(snap.version, 7);
         assert_eq!(snap.services[0].endpoints.len(), 2);
-        assert_eq!(snap.routes[0].timeout, Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            snap.routes[0].timeout,
+            Some(std::time::Duration::from_secs(2))
+        );
     }
 
     #[test]
@@ -169,8 +176,8 @@ timeout = "2s"
 
     #[test]
     fn bad_address_names_its_line() {
-        let err =
-            load("version = 1\n[[services]]\nname = \"a\"\nendpoints = [\"nowhere\"]\n").unwrap_err();
+        let err = load("version = 1\n[[services]]\nname = \"a\"\nendpoints = [\"nowhere\"]\n")
+            .unwrap_err();
         assert_eq!(err.line, 4, "{err}");
     }
 
@@ -181,7 +188,39 @@ timeout = "2s"
         )
         .unwrap_err();
         assert_eq!(err.line, 7, "{err}");
-        assert_eq!(err.to_string(), "mesh.toml:7: routes[0].backend: unknown service \"b\"");
+        assert_eq!(
+            err.to_string(),
+            "mesh.toml:7: routes[0].backend: unknown service \"b\""
+        );
+    }
+
+    #[test]
+    fn ollama_policy_loads_and_bad_values_name_their_line() {
+        let snap = load(
+            "version = 1\n[ollama.gateway]\nparallel = 2\nqueue = { critical = 8 }\n\
+             [ollama.rate_limit]\ncritical = \"2/s\"\n\
+             [ollama.agents.senior-ai-engineer]\nmax_context_size = 4096\ntimeout = \"120s\"\n",
+        )
+        .unwrap();
+        assert_eq!(snap.ollama.gateway.parallel, 2);
+        assert_eq!(snap.ollama.gateway.queue.critical, 8);
+        assert_eq!(
+            snap.ollama.limits("senior-ai-engineer").max_context_size,
+            Some(4096)
+        );
+
+        let err = load("version = 1\n[ollama.gateway]\nparallel = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "mesh.toml:3: ollama.gateway.parallel: must be at least 1"
+        );
+        let err = load("version = 1\n[ollama.agents.a]\nmax_tokens = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "mesh.toml:3: ollama.agents.a.max_tokens: must be at least 1"
+        );
+        let err = load("version = 1\n[ollama.rate_limit]\ncritical = \"fast\"\n").unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The dynamic configuration a sidecar runs with: services, their endpoints, route rules and
 //! defaults. A snapshot is immutable once built and is replaced as a whole.
 
+use crate::ollama::OllamaPolicy;
 use crate::Phase;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -24,6 +25,8 @@ pub struct Snapshot {
     pub services: Vec<Service>,
     #[serde(default)]
     pub routes: Vec<RouteRule>,
+    #[serde(default)]
+    pub ollama: OllamaPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,7 +47,11 @@ pub struct Service {
     pub protocol: Protocol,
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
-    #[serde(with = "humantime_serde", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
 }
 
@@ -69,7 +76,11 @@ pub struct RouteRule {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
     pub backend: String,
-    #[serde(with = "humantime_serde", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
 }
 
@@ -190,6 +201,7 @@ impl Snapshot {
                 return Err(invalid(at("timeout"), "must be greater than zero"));
             }
         }
+        self.ollama.validate()?;
         Ok(())
     }
 
@@ -214,7 +226,7 @@ pub fn normalize_authority(authority: &str) -> &str {
 }
 
 /// Service names are DNS labels: what Consul accepts and what fits in a Host header.
-fn check_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -234,13 +246,11 @@ fn check_name(name: &str) -> Result<(), String> {
 fn http_header_name_invalid(name: &str) -> bool {
     name.is_empty()
         || !name.bytes().all(|b| {
-            b.is_ascii_lowercase()
-                || b.is_ascii_digit()
-                || b"!#$%&'*+-.^_`|~".contains(&b)
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
         })
 }
 
-fn invalid(path: Vec<PathSeg>, reason: impl Into<String>) -> Invalid {
+pub(crate) fn invalid(path: Vec<PathSeg>, reason: impl Into<String>) -> Invalid {
     Invalid {
         path,
         reason: reason.into(),
@@ -278,6 +288,9 @@ mod tests {
             ..Default::default()
         };
         let err = snap.validate().unwrap_err();
-        assert_eq!(err.to_string(), "routes[0].backend: unknown service \"missing\"");
+        assert_eq!(
+            err.to_string(),
+            "routes[0].backend: unknown service \"missing\""
+        );
     }
 }
