@@ -95,7 +95,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             name: "inbound",
             listener,
             builder: builder.clone(),
-            service: inbound::stack(&boot, pools.clone()),
+            service: inbound::stack(&boot, &state, pools.clone()),
             detect_timeout,
         };
         tokio::spawn(inbound.run(watch.clone()));

@@ -2,6 +2,7 @@
 
 use crate::body::ProxyBody;
 use http::{header, HeaderValue, Response, StatusCode};
+use mesh_config::Phase;
 use std::time::Duration;
 
 /// A failure the proxy answers on the caller's behalf. Each kind maps to one status, one JSON
@@ -28,6 +29,23 @@ pub enum ProxyError {
     },
     #[error("proxy is draining")]
     Draining,
+    #[error("{target} refused the request: {reason}")]
+    BadRequest { target: String, reason: String },
+    #[error("request body for {target} is larger than {limit} bytes")]
+    TooLarge { target: String, limit: usize },
+    #[error("calls to {target} are over this agent's rate limit")]
+    RateLimited { target: String, retry_after: Duration },
+    /// The Ollama gateway did not admit the request; `over_quota` answers 429, else 503.
+    #[error("{target} queue refused the request ({reason})")]
+    Queue {
+        target: String,
+        reason: &'static str,
+        over_quota: bool,
+        phase: Phase,
+        position: usize,
+        waited: Duration,
+        retry_after: Duration,
+    },
 }
 
 impl ProxyError {
@@ -42,6 +60,12 @@ impl ProxyError {
             ProxyError::Timeout { .. } => "timeout",
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::Draining => "draining",
+            ProxyError::BadRequest { .. } | ProxyError::TooLarge { .. } => "bad_request",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::Queue {
+                over_quota: true, ..
+            } => "rate_limited",
+            ProxyError::Queue { .. } => "overloaded",
         }
     }
 
@@ -58,6 +82,13 @@ impl ProxyError {
             ProxyError::Overloaded { .. } | ProxyError::Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RateLimited { .. }
+            | ProxyError::Queue {
+                over_quota: true, ..
+            } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Queue { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -68,7 +99,11 @@ impl ProxyError {
             | ProxyError::Unavailable { target, .. }
             | ProxyError::UpstreamFailed { target, .. }
             | ProxyError::Timeout { target, .. }
-            | ProxyError::Overloaded { target, .. } => Some(target),
+            | ProxyError::Overloaded { target, .. }
+            | ProxyError::BadRequest { target, .. }
+            | ProxyError::TooLarge { target, .. }
+            | ProxyError::RateLimited { target, .. }
+            | ProxyError::Queue { target, .. } => Some(target),
             ProxyError::NoAuthority | ProxyError::Draining => None,
         }
     }
@@ -85,6 +120,21 @@ impl ProxyError {
         if let ProxyError::Timeout { timeout, .. } = self {
             body["timeout_ms"] = (timeout.as_millis() as u64).into();
         }
+        if let ProxyError::Queue {
+            reason,
+            phase,
+            position,
+            waited,
+            retry_after,
+            ..
+        } = self
+        {
+            body["reason"] = (*reason).into();
+            body["phase"] = phase.as_str().into();
+            body["queue_position"] = (*position).into();
+            body["waited_ms"] = (waited.as_millis() as u64).into();
+            body["retry_after_s"] = ceil_secs(*retry_after).into();
+        }
         let mut rsp = Response::new(ProxyBody::json(body.to_string()));
         *rsp.status_mut() = self.status();
         rsp.headers_mut().insert(
@@ -92,7 +142,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         let retry_after = match self {
-            ProxyError::Overloaded { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            ProxyError::Overloaded { retry_after, .. }
+            | ProxyError::RateLimited { retry_after, .. }
+            | ProxyError::Queue { retry_after, .. } => Some(ceil_secs(*retry_after)),
             ProxyError::NoEndpoints { .. } | ProxyError::Draining => Some(1),
             _ => None,
         };
@@ -102,4 +154,9 @@ impl ProxyError {
         }
         rsp
     }
+}
+
+/// Whole seconds for `Retry-After`, rounded up and at least one.
+fn ceil_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }

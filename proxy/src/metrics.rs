@@ -17,6 +17,20 @@ pub const SNAPSHOT_REJECTIONS: &str = "agent_snapshot_rejections_total";
 pub const INBOUND_QUEUE_DEPTH: &str = "agent_inbound_queue_depth";
 pub const RESOURCE_USAGE: &str = "agent_resource_usage_bytes";
 pub const UPSTREAM_READY: &str = "agent_upstream_ready";
+pub const OLLAMA_QUEUE_DEPTH: &str = "agent_ollama_queue_depth";
+pub const OLLAMA_QUEUE_WAIT: &str = "agent_ollama_queue_wait_seconds";
+pub const OLLAMA_ADMITTED: &str = "agent_ollama_admitted_total";
+pub const OLLAMA_REJECTED: &str = "agent_ollama_rejected_total";
+pub const OLLAMA_CANCELLED: &str = "agent_ollama_cancelled_total";
+pub const OLLAMA_SLOTS: &str = "agent_ollama_slots";
+pub const OLLAMA_SLOTS_BUSY: &str = "agent_ollama_slots_busy";
+pub const OLLAMA_SLOT_BUSY: &str = "agent_ollama_slot_busy_microseconds_total";
+pub const OLLAMA_BREAKER_OPEN: &str = "agent_ollama_breaker_open";
+pub const OLLAMA_RATE_LIMITED: &str = "agent_ollama_rate_limited_total";
+
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -29,7 +43,7 @@ const COMMON_STATUS: [u16; 19] = [
 ];
 
 /// Error kinds counted in `agent_errors_total{kind}`: a closed set.
-pub const ERROR_KINDS: [&str; 11] = [
+pub const ERROR_KINDS: [&str; 13] = [
     "no_route",
     "no_authority",
     "no_endpoints",
@@ -41,6 +55,8 @@ pub const ERROR_KINDS: [&str; 11] = [
     "client_reset",
     "upstream_reset",
     "upstream_status",
+    "bad_request",
+    "rate_limited",
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -50,6 +66,8 @@ pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)
+            .expect("bucket list is not empty")
+            .set_buckets_for_metric(Matcher::Full(OLLAMA_QUEUE_WAIT.into()), QUEUE_WAIT_BUCKETS)
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -78,6 +96,33 @@ fn describe() {
     describe_gauge!(INBOUND_QUEUE_DEPTH, "Requests waiting for an inbound slot.");
     describe_gauge!(RESOURCE_USAGE, Unit::Bytes, "Resident memory of the proxy.");
     describe_gauge!(UPSTREAM_READY, "1 when the local app answers TCP connects.");
+    describe_gauge!(OLLAMA_QUEUE_DEPTH, "Requests waiting for an Ollama slot, by phase.");
+    describe_histogram!(
+        OLLAMA_QUEUE_WAIT,
+        Unit::Seconds,
+        "Time from queued to admitted to Ollama, by phase."
+    );
+    describe_counter!(OLLAMA_ADMITTED, "Requests sent to Ollama, by phase.");
+    describe_counter!(
+        OLLAMA_REJECTED,
+        "Requests the gateway refused, by phase and reason (queue_full, over_quota, queue_timeout, ollama_unavailable)."
+    );
+    describe_counter!(
+        OLLAMA_CANCELLED,
+        "Requests whose caller left, by phase and reason (queued, served)."
+    );
+    describe_gauge!(OLLAMA_SLOTS, "Requests Ollama may serve at once.");
+    describe_gauge!(OLLAMA_SLOTS_BUSY, "Ollama slots in use.");
+    describe_counter!(
+        OLLAMA_SLOT_BUSY,
+        Unit::Microseconds,
+        "Slot time in use; utilisation = rate(this) / 1e6 / agent_ollama_slots."
+    );
+    describe_gauge!(OLLAMA_BREAKER_OPEN, "1 while the gateway refuses because Ollama is down.");
+    describe_counter!(
+        OLLAMA_RATE_LIMITED,
+        "Calls to Ollama refused at the caller's sidecar by its rate limit."
+    );
 }
 
 /// Counters for one (direction, target) pair. Label sets are registered on first use, so a

@@ -150,7 +150,7 @@ fn rewrite(
 }
 
 /// Removes headers that describe one connection, not the message (RFC 9110 7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if let Some(conn) = headers.get(header::CONNECTION) {
         if conn.as_bytes() != b"keep-alive" && conn.as_bytes() != b"close" && !upgrade {
             let named: Vec<HeaderName> = conn
@@ -189,7 +189,7 @@ fn contains_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
