@@ -100,11 +100,11 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         };
         tokio::spawn(inbound.run(watch.clone()));
         let probe = Arc::new(AppProbe::default());
-        tokio::spawn(probe.clone().run(
-            boot.inbound.app,
-            Duration::from_secs(2),
-            stopped.clone(),
-        ));
+        tokio::spawn(
+            probe
+                .clone()
+                .run(boot.inbound.app, Duration::from_secs(2), stopped.clone()),
+        );
         app = Some((boot.inbound.app, probe));
     }
     drop(watch);

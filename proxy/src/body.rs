@@ -117,7 +117,9 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let frame = match &mut this.inner {
             Inner::Upstream(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
-            Inner::Local(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(|e| match e {})),
+            Inner::Local(b) => {
+                ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(|e| match e {}))
+            }
         };
         match &frame {
             Some(Ok(f)) => {

@@ -89,7 +89,10 @@ fn describe() {
     describe_counter!(ERRORS_TOTAL, "Requests that failed, by kind.");
     describe_gauge!(INFLIGHT, "Requests in flight.");
     describe_counter!(CONNECTIONS_TOTAL, "Connections accepted, by listener.");
-    describe_counter!(PROTOCOL_ERRORS, "Connections closed for bad protocol input.");
+    describe_counter!(
+        PROTOCOL_ERRORS,
+        "Connections closed for bad protocol input."
+    );
     describe_gauge!(SNAPSHOT_VERSION, "Version of the snapshot in force.");
     describe_counter!(SNAPSHOT_APPLIED, "Snapshots applied.");
     describe_counter!(SNAPSHOT_REJECTIONS, "Snapshots rejected as invalid.");
@@ -131,9 +134,8 @@ fn describe() {
 pub struct TargetMetrics {
     pub target: Arc<str>,
     labels: Vec<Label>,
-    status: [OnceLock<Counter>; COMMON_STATUS.len()],
+    status: [OnceLock<(Counter, Histogram)>; COMMON_STATUS.len()],
     errors: [OnceLock<Counter>; ERROR_KINDS.len()],
-    duration: Histogram,
     inflight: Gauge,
 }
 
@@ -147,7 +149,6 @@ impl TargetMetrics {
         ];
         Arc::new(Self {
             target: target.into(),
-            duration: metrics::histogram!(REQUEST_DURATION, labels.clone()),
             inflight: metrics::gauge!(INFLIGHT, labels.clone()),
             labels,
             status: Default::default(),
@@ -163,17 +164,23 @@ impl TargetMetrics {
 
     pub fn response(&self, status: u16, seconds: f64) {
         match COMMON_STATUS.iter().position(|&c| c == status) {
-            Some(i) => self.status[i]
-                .get_or_init(|| {
-                    metrics::counter!(REQUESTS_TOTAL, self.with("status", status_str(status)))
-                })
-                .increment(1),
+            Some(i) => {
+                let (count, duration) = self.status[i].get_or_init(|| {
+                    let labels = self.with("status", status_str(status));
+                    (
+                        metrics::counter!(REQUESTS_TOTAL, labels.clone()),
+                        metrics::histogram!(REQUEST_DURATION, labels),
+                    )
+                });
+                count.increment(1);
+                duration.record(seconds);
+            }
             None => {
-                metrics::counter!(REQUESTS_TOTAL, self.with("status", status.to_string()))
-                    .increment(1)
+                let labels = self.with("status", status.to_string());
+                metrics::counter!(REQUESTS_TOTAL, labels.clone()).increment(1);
+                metrics::histogram!(REQUEST_DURATION, labels).record(seconds);
             }
         }
-        self.duration.record(seconds);
     }
 
     pub fn error(&self, kind: &'static str) {

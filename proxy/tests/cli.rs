@@ -42,7 +42,10 @@ fn bad_snapshot_at_start_exits_2_naming_file_and_line() {
     let out = proxy().arg("--config").arg(&boot).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:3:", snap.display())), "stderr: {err}");
+    assert!(
+        err.contains(&format!("{}:3:", snap.display())),
+        "stderr: {err}"
+    );
     assert!(err.contains("services[0].name"), "stderr: {err}");
 }
 

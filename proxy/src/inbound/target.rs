@@ -30,12 +30,7 @@ impl LocalTargetLayer {
             protocol: Protocol::Http1,
             timeout: boot.inbound.timeout,
             endpoints: EndpointSet::new(vec![Arc::new(Endpoint::new(boot.inbound.app))]),
-            metrics: TargetMetrics::new(
-                "inbound",
-                &boot.agent,
-                boot.phase.as_str(),
-                &boot.agent,
-            ),
+            metrics: TargetMetrics::new("inbound", &boot.agent, boot.phase.as_str(), &boot.agent),
         };
         Self {
             route: Route {

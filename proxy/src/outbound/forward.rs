@@ -207,7 +207,10 @@ mod tests {
     #[test]
     fn connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop, keep-alive"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-hop, keep-alive"),
+        );
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert("x-end", HeaderValue::from_static("1"));
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));

@@ -22,9 +22,7 @@ pub fn stack(
     boot: &Bootstrap,
     state: Arc<State>,
     pools: Arc<pool::Pools>,
-) -> route::RouteService<
-    crate::access_log::AccessLog<timeout::Timeout<forward::Forward>>,
-> {
+) -> route::RouteService<crate::access_log::AccessLog<timeout::Timeout<forward::Forward>>> {
     let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
     ServiceBuilder::new()
         .layer(route::RouteLayer::new(&boot.agent, state, boot.log.access))

@@ -124,8 +124,10 @@ where
             }
             Detected::Nothing => return,
         }
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service));
+        let conn = builder.serve_connection_with_upgrades(
+            TokioIo::new(stream),
+            TowerToHyperService::new(service),
+        );
         tokio::pin!(conn);
         let res = tokio::select! {
             res = conn.as_mut() => res,

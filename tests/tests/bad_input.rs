@@ -1,0 +1,100 @@
+//! What the outbound listener does with bytes that are not a good request: malformed HTTP gets
+//! 400, an oversized head 431, and non-HTTP bytes a closed connection and a counted error.
+
+use mesh_tests::client::{raw_exchange, raw_status};
+use mesh_tests::metrics;
+use mesh_tests::proxy;
+use mesh_tests::server;
+use mesh_tests::snapshot::{service, snapshot};
+
+async fn proxy_with_b() -> (server::Server, proxy::TestProxy) {
+    let b = server::fixed(200, "b").label("b").run().await;
+    let snap = snapshot(1).service(service("b").endpoint(b.addr()));
+    let proxy = proxy::builder()
+        .agent("a")
+        .snapshot(snap.to_toml())
+        .start()
+        .await;
+    (b, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_gets_400() {
+    let (b, proxy) = proxy_with_b().await;
+    let cases: [&[u8]; 2] = [
+        // A header line without a colon.
+        b"GET / HTTP/1.1\r\nHost: b\r\nthis line is not a header\r\n\r\n",
+        // A space inside the request target.
+        b"GET /a b/c HTTP/1.1\r\nHost: b\r\n\r\n",
+    ];
+    for bytes in cases {
+        let out = raw_exchange(proxy.outbound(), bytes).await;
+        assert_eq!(
+            raw_status(&out),
+            Some(400),
+            "for {:?} the proxy answered {:?}",
+            String::from_utf8_lossy(bytes),
+            String::from_utf8_lossy(&out)
+        );
+    }
+    assert_eq!(b.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_get_431() {
+    let (b, proxy) = proxy_with_b().await;
+    // 96 KiB of headers, well over the default 64 KiB limit on a request head.
+    let mut bytes = b"GET / HTTP/1.1\r\nHost: b\r\n".to_vec();
+    for i in 0..96 {
+        bytes.extend_from_slice(format!("x-filler-{i:02}: ").as_bytes());
+        bytes.extend_from_slice(&[b'a'; 1000]);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b"\r\n");
+
+    let out = raw_exchange(proxy.outbound(), &bytes).await;
+    assert_eq!(
+        raw_status(&out),
+        Some(431),
+        "the proxy answered {:?}",
+        String::from_utf8_lossy(&out[..out.len().min(200)])
+    );
+    assert_eq!(b.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_http_bytes_close_the_connection_and_are_counted() {
+    let (b, proxy) = proxy_with_b().await;
+    let labels = [("kind", "unknown_protocol")];
+    let before = metrics::metric_or_zero(
+        &metrics::scrape(proxy.admin()).await,
+        "agent_protocol_errors_total",
+        &labels,
+    );
+
+    // A TLS ClientHello's first bytes, to a plaintext listener.
+    let mut tls = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    tls.extend((0u8..53).map(|i| i.wrapping_mul(37)));
+    // Binary garbage.
+    let garbage: Vec<u8> = (0u8..64).map(|i| i.wrapping_mul(151) ^ 0xa5).collect();
+
+    for bytes in [&tls, &garbage] {
+        let out = raw_exchange(proxy.outbound(), bytes).await;
+        assert!(
+            out.is_empty(),
+            "expected the connection closed without an answer, got {:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    let after = metrics::wait_for_metric(
+        proxy.admin(),
+        "agent_protocol_errors_total",
+        &labels,
+        before + 2.0,
+    )
+    .await;
+    assert_eq!(after, before + 2.0);
+    assert_eq!(b.requests(), 0);
+}
