@@ -1,9 +1,10 @@
 //! The outbound path: an agent's calls to other agents, in the order a request meets them.
-//! `route -> access log -> timeout -> forward (balance, pool)`. Each policy is a tower layer in
+//! `route -> access log -> limit (Ollama rate) -> timeout -> forward (balance, pool)`. Each policy is a tower layer in
 //! its own file; adding one is a file and a line in [`stack`].
 
 pub mod balance;
 pub mod forward;
+pub mod limit;
 pub mod pool;
 pub mod route;
 pub mod timeout;
@@ -22,11 +23,14 @@ pub fn stack(
     boot: &Bootstrap,
     state: Arc<State>,
     pools: Arc<pool::Pools>,
-) -> route::RouteService<crate::access_log::AccessLog<timeout::Timeout<forward::Forward>>> {
+) -> route::RouteService<
+    crate::access_log::AccessLog<limit::RateLimit<timeout::Timeout<forward::Forward>>>,
+> {
     let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
     ServiceBuilder::new()
-        .layer(route::RouteLayer::new(&boot.agent, state, boot.log.access))
+        .layer(route::RouteLayer::new(&boot.agent, state.clone(), boot.log.access))
         .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
+        .layer(limit::RateLimitLayer::new(&boot.agent, boot.phase, state))
         .layer(timeout::TimeoutLayer)
         .service(forward::Forward::new(pools))
 }
