@@ -34,7 +34,10 @@ pub enum ProxyError {
     #[error("request body for {target} is larger than {limit} bytes")]
     TooLarge { target: String, limit: usize },
     #[error("calls to {target} are over this agent's rate limit")]
-    RateLimited { target: String, retry_after: Duration },
+    RateLimited {
+        target: String,
+        retry_after: Duration,
+    },
     /// The Ollama gateway did not admit the request; `over_quota` answers 429, else 503.
     #[error("{target} queue refused the request ({reason})")]
     Queue {
@@ -79,9 +82,7 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Overloaded { .. } | ProxyError::Draining => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::Overloaded { .. } | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited { .. }

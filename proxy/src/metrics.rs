@@ -99,7 +99,10 @@ fn describe() {
     describe_gauge!(INBOUND_QUEUE_DEPTH, "Requests waiting for an inbound slot.");
     describe_gauge!(RESOURCE_USAGE, Unit::Bytes, "Resident memory of the proxy.");
     describe_gauge!(UPSTREAM_READY, "1 when the local app answers TCP connects.");
-    describe_gauge!(OLLAMA_QUEUE_DEPTH, "Requests waiting for an Ollama slot, by phase.");
+    describe_gauge!(
+        OLLAMA_QUEUE_DEPTH,
+        "Requests waiting for an Ollama slot, by phase."
+    );
     describe_histogram!(
         OLLAMA_QUEUE_WAIT,
         Unit::Seconds,
@@ -121,7 +124,10 @@ fn describe() {
         Unit::Microseconds,
         "Slot time in use; utilisation = rate(this) / 1e6 / agent_ollama_slots."
     );
-    describe_gauge!(OLLAMA_BREAKER_OPEN, "1 while the gateway refuses because Ollama is down.");
+    describe_gauge!(
+        OLLAMA_BREAKER_OPEN,
+        "1 while the gateway refuses because Ollama is down."
+    );
     describe_counter!(
         OLLAMA_RATE_LIMITED,
         "Calls to Ollama refused at the caller's sidecar by its rate limit."

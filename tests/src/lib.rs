@@ -7,6 +7,7 @@
 pub mod body;
 pub mod client;
 pub mod metrics;
+pub mod ollama;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;

@@ -163,6 +163,9 @@ mod tests {
         assert!(bucket.check().is_ok());
         let wait = bucket.check().unwrap_err();
         // One token comes back every half second.
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
     }
 }

@@ -28,7 +28,11 @@ pub fn stack(
 > {
     let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
     ServiceBuilder::new()
-        .layer(route::RouteLayer::new(&boot.agent, state.clone(), boot.log.access))
+        .layer(route::RouteLayer::new(
+            &boot.agent,
+            state.clone(),
+            boot.log.access,
+        ))
         .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
         .layer(limit::RateLimitLayer::new(&boot.agent, boot.phase, state))
         .layer(timeout::TimeoutLayer)

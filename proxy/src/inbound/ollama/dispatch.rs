@@ -106,11 +106,17 @@ struct Waiter {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Breaker {
-    Closed { failures: u32 },
+    Closed {
+        failures: u32,
+    },
     /// Refusing everything until `until`.
-    Open { until: Instant },
+    Open {
+        until: Instant,
+    },
     /// One probe may go; its outcome closes or reopens the breaker.
-    HalfOpen { probing: bool },
+    HalfOpen {
+        probing: bool,
+    },
 }
 
 const REJECT_REASONS: [Reason; 4] = [
@@ -434,10 +440,11 @@ impl Dispatcher {
             .sum()
     }
 
-    /// When a request at `position` can expect a slot, within [1 s, queue timeout].
+    /// When a request at `position` can expect a slot, within [1 s, max(1 s, queue timeout)].
     fn estimate(&self, position: usize) -> Duration {
         let rounds = position.div_ceil(self.params.parallel.max(1)) as u32;
-        (self.mean_hold * rounds).clamp(Duration::from_secs(1), self.params.queue_timeout)
+        let floor = Duration::from_secs(1);
+        (self.mean_hold * rounds).clamp(floor, self.params.queue_timeout.max(floor))
     }
 }
 
@@ -460,9 +467,8 @@ fn reason_index(reason: Reason) -> usize {
 impl Metrics {
     fn new() -> Self {
         use metrics::*;
-        let per_phase = |f: &dyn Fn(&'static str) -> ::metrics::Counter| {
-            Phase::ALL.map(|p| f(p.as_str()))
-        };
+        let per_phase =
+            |f: &dyn Fn(&'static str) -> ::metrics::Counter| Phase::ALL.map(|p| f(p.as_str()));
         Self {
             depth: Phase::ALL
                 .map(|p| ::metrics::gauge!(OLLAMA_QUEUE_DEPTH, "phase" => p.as_str())),
@@ -624,6 +630,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_queue_timeout_under_a_second_still_gives_retry_after() {
+        let gw = Client::start(GatewayParams {
+            queue_timeout: Duration::from_millis(200),
+            per_agent_queue: 1,
+            ..params()
+        });
+        let _busy = granted(gw.enqueue(Phase::Critical, "a").1).await;
+        let _q = gw.enqueue(Phase::Critical, "b");
+        let over = refused(gw.enqueue(Phase::Critical, "b").1).await;
+        assert_eq!(over.retry_after, Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn breaker_flushes_the_queue_then_probes_once() {
         let gw = Client::start(params());
         // Three consecutive failures open the breaker and refuse whoever waits.
@@ -647,7 +666,10 @@ mod tests {
         let mut probe = granted(gw.enqueue(Phase::Critical, "a").1).await;
         let (_, mut second) = gw.enqueue(Phase::Critical, "b");
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(second.try_recv().is_err(), "second request went during the probe");
+        assert!(
+            second.try_recv().is_err(),
+            "second request went during the probe"
+        );
         probe.set_outcome(Outcome::Succeeded);
         drop(probe);
         granted(second).await;

@@ -97,7 +97,10 @@ impl tower::Service<Request<Incoming>> for Gateway {
 // === impl Shared ===
 
 impl Shared {
-    async fn serve(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let policy = self.policy.load_full();
         let api = Api::of(req.uri().path());
         let caller = policy.caller(

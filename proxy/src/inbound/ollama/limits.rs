@@ -56,18 +56,44 @@ pub fn apply(api: Api, agent: &str, limits: &AgentLimits, body: Bytes) -> Result
                 return Err("\"options\" must be a JSON object".into());
             };
             let (ctx, tokens) = (limits.max_context_size, limits.max_tokens);
-            changed |= limit_one(options, "options.", "num_ctx", ctx, "max_context_size", agent)?;
-            changed |= limit_one(options, "options.", "num_predict", tokens, "max_tokens", agent)?;
+            changed |= limit_one(
+                options,
+                "options.",
+                "num_ctx",
+                ctx,
+                "max_context_size",
+                agent,
+            )?;
+            changed |= limit_one(
+                options,
+                "options.",
+                "num_predict",
+                tokens,
+                "max_tokens",
+                agent,
+            )?;
         }
         _ => {
             // `max_completion_tokens` is the newer name for `max_tokens`: check it, fill the
             // older one only when neither is given.
-            if let (Some(limit), Some(_)) = (limits.max_tokens, doc.get("max_completion_tokens"))
-            {
-                check(&doc, "", "max_completion_tokens", limit, "max_tokens", agent)?;
+            if let (Some(limit), Some(_)) = (limits.max_tokens, doc.get("max_completion_tokens")) {
+                check(
+                    &doc,
+                    "",
+                    "max_completion_tokens",
+                    limit,
+                    "max_tokens",
+                    agent,
+                )?;
             } else {
-                changed |=
-                    limit_one(&mut doc, "", "max_tokens", limits.max_tokens, "max_tokens", agent)?;
+                changed |= limit_one(
+                    &mut doc,
+                    "",
+                    "max_tokens",
+                    limits.max_tokens,
+                    "max_tokens",
+                    agent,
+                )?;
             }
         }
     }
@@ -136,7 +162,12 @@ mod tests {
     }
 
     fn run(api: Api, body: Value) -> Result<Value, String> {
-        let out = apply(api, "senior-ai-engineer", &limits(), Bytes::from(body.to_string()))?;
+        let out = apply(
+            api,
+            "senior-ai-engineer",
+            &limits(),
+            Bytes::from(body.to_string()),
+        )?;
         Ok(serde_json::from_slice(&out).unwrap())
     }
 
@@ -144,7 +175,11 @@ mod tests {
     fn omitted_options_get_the_agent_defaults() {
         let out = run(Api::Native, json!({"model": "m", "prompt": "hi"})).unwrap();
         assert_eq!(out["options"], json!({"num_ctx": 4096, "num_predict": 512}));
-        let out = run(Api::Native, json!({"model": "m", "options": {"num_ctx": 1024}})).unwrap();
+        let out = run(
+            Api::Native,
+            json!({"model": "m", "options": {"num_ctx": 1024}}),
+        )
+        .unwrap();
         assert_eq!(out["options"], json!({"num_ctx": 1024, "num_predict": 512}));
         let out = run(Api::OpenAi, json!({"model": "m", "messages": []})).unwrap();
         assert_eq!(out["max_tokens"], 512);
@@ -153,7 +188,10 @@ mod tests {
     #[test]
     fn values_above_the_limit_are_refused_with_a_clear_message() {
         let err = run(Api::Native, json!({"options": {"num_ctx": 8192}})).unwrap_err();
-        assert_eq!(err, "options.num_ctx 8192 is above senior-ai-engineer's max_context_size 4096");
+        assert_eq!(
+            err,
+            "options.num_ctx 8192 is above senior-ai-engineer's max_context_size 4096"
+        );
         let err = run(Api::Native, json!({"options": {"num_predict": -1}})).unwrap_err();
         assert!(err.contains("asks for no limit"), "{err}");
         let err = run(Api::OpenAi, json!({"max_completion_tokens": 513})).unwrap_err();
@@ -167,8 +205,17 @@ mod tests {
         let body = Bytes::from_static(br#"{ "options": {"num_ctx": 10, "num_predict": 5} }"#);
         let out = apply(Api::Native, "a", &limits(), body.clone()).unwrap();
         assert_eq!(out, body);
-        let out = apply(Api::Native, "a", &AgentLimits::default(), Bytes::from_static(b"x"));
-        assert_eq!(out.unwrap(), Bytes::from_static(b"x"), "no limits: not even parsed");
+        let out = apply(
+            Api::Native,
+            "a",
+            &AgentLimits::default(),
+            Bytes::from_static(b"x"),
+        );
+        assert_eq!(
+            out.unwrap(),
+            Bytes::from_static(b"x"),
+            "no limits: not even parsed"
+        );
     }
 
     #[test]

@@ -102,7 +102,10 @@ impl<T> FairQueue<T> {
             let Some(caller) = q.turn.pop_front() else {
                 continue;
             };
-            let mine = q.waiting.get_mut(&caller).expect("a caller in turn has requests");
+            let mine = q
+                .waiting
+                .get_mut(&caller)
+                .expect("a caller in turn has requests");
             let (id, item) = mine.pop_front().expect("a caller in turn has requests");
             q.len -= 1;
             if mine.is_empty() {
@@ -234,11 +237,14 @@ mod tests {
         let mut q = FairQueue::default();
         let burst = ["b1", "b2", "b3", "b4", "b5"];
         for (i, item) in burst.into_iter().enumerate() {
-            q.push(Specialized, &name("bursty"), i as Id, item, ROOMY).unwrap();
+            q.push(Specialized, &name("bursty"), i as Id, item, ROOMY)
+                .unwrap();
         }
         // The quiet agent arrives after the whole burst and is served second.
-        q.push(Specialized, &name("quiet"), 10, "q1", ROOMY).unwrap();
-        q.push(Specialized, &name("quiet"), 11, "q2", ROOMY).unwrap();
+        q.push(Specialized, &name("quiet"), 10, "q1", ROOMY)
+            .unwrap();
+        q.push(Specialized, &name("quiet"), 11, "q2", ROOMY)
+            .unwrap();
         assert_eq!(order(&mut q), ["b1", "q1", "b2", "q2", "b3", "b4", "b5"]);
     }
 
@@ -273,8 +279,10 @@ mod tests {
                 ids.push(n);
             }
         }
-        let predicted: HashMap<Id, usize> =
-            ids.iter().map(|&id| (id, q.position(id).unwrap())).collect();
+        let predicted: HashMap<Id, usize> = ids
+            .iter()
+            .map(|&id| (id, q.position(id).unwrap()))
+            .collect();
         let served: Vec<Id> = q.drain().into_iter().map(|p| p.id).collect();
         for (at, id) in served.iter().enumerate() {
             assert_eq!(predicted[id], at + 1, "request {id}");
