@@ -25,7 +25,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
@@ -35,6 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 pub struct Builder {
     parallel: usize,
     chunks: usize,
+    chunk_delay: Duration,
     hold: bool,
 }
 
@@ -61,6 +62,7 @@ pub struct Generation {
 struct State {
     parallel: usize,
     chunks: usize,
+    chunk_delay: Duration,
     /// `Some` when each chunk waits for a permit from [`FakeOllama::release`].
     gate: Option<Semaphore>,
     in_flight: AtomicUsize,
@@ -77,6 +79,7 @@ pub fn fake() -> Builder {
     Builder {
         parallel: 1,
         chunks: 3,
+        chunk_delay: Duration::ZERO,
         hold: false,
     }
 }
@@ -96,6 +99,12 @@ impl Builder {
         self
     }
 
+    /// Time to produce each token chunk: the model's speed, part of the scenario.
+    pub fn chunk_delay(mut self, delay: Duration) -> Self {
+        self.chunk_delay = delay;
+        self
+    }
+
     /// Each chunk (the final one included) waits for [`FakeOllama::release`].
     pub fn hold(mut self) -> Self {
         self.hold = true;
@@ -110,6 +119,7 @@ impl Builder {
         let state = Arc::new(State {
             parallel: self.parallel,
             chunks: self.chunks,
+            chunk_delay: self.chunk_delay,
             gate: self.hold.then(|| Semaphore::new(0)),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
@@ -311,6 +321,9 @@ async fn generate(state: Arc<State>, index: usize, format: Format, tx: BodySende
             }
         }
         let done = i == state.chunks;
+        if !done && !state.chunk_delay.is_zero() {
+            tokio::time::sleep(state.chunk_delay).await;
+        }
         let chunk = chunk(format, i, done);
         if done {
             state.in_flight.fetch_sub(1, Ordering::SeqCst);
