@@ -435,3 +435,39 @@ async fn agent_limits_fill_omitted_options_and_refuse_larger_ones() {
     );
     assert_eq!(ollama.generations().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ollama_down_the_breaker_opens_and_refuses_at_once() {
+    let _serial = one_at_a_time().await;
+    // A port nothing listens on: every connect is refused.
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let callers = vec![("a".to_owned(), "critical")];
+    let policy = gateway_policy(1, "30s", "breaker = { failures = 2, cooldown = \"60s\" }");
+    let gw = proxy::builder()
+        .agent("ollama")
+        .ollama_gateway(down)
+        .snapshot(snapshot(&callers, &policy))
+        .start()
+        .await;
+
+    for _ in 0..2 {
+        let reply = bounded("a call to a dead ollama", generate(gw.inbound(), "a", "p"))
+            .await
+            .expect("task");
+        assert_eq!(reply.status, 502, "{}", reply.text());
+    }
+    // Two failures in a row: the gateway stops trying and says when to come back.
+    let reply = bounded(
+        "a call with the breaker open",
+        generate(gw.inbound(), "a", "p"),
+    )
+    .await
+    .expect("task");
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.json()["reason"], "ollama_unavailable");
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+}
