@@ -195,6 +195,35 @@ timeout = "2s"
     }
 
     #[test]
+    fn ollama_policy_loads_and_bad_values_name_their_line() {
+        let snap = load(
+            "version = 1\n[ollama.gateway]\nparallel = 2\nqueue = { critical = 8 }\n\
+             [ollama.rate_limit]\ncritical = \"2/s\"\n\
+             [ollama.agents.senior-ai-engineer]\nmax_context_size = 4096\ntimeout = \"120s\"\n",
+        )
+        .unwrap();
+        assert_eq!(snap.ollama.gateway.parallel, 2);
+        assert_eq!(snap.ollama.gateway.queue.critical, 8);
+        assert_eq!(
+            snap.ollama.limits("senior-ai-engineer").max_context_size,
+            Some(4096)
+        );
+
+        let err = load("version = 1\n[ollama.gateway]\nparallel = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "mesh.toml:3: ollama.gateway.parallel: must be at least 1"
+        );
+        let err = load("version = 1\n[ollama.agents.a]\nmax_tokens = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "mesh.toml:3: ollama.agents.a.max_tokens: must be at least 1"
+        );
+        let err = load("version = 1\n[ollama.rate_limit]\ncritical = \"fast\"\n").unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+    }
+
+    #[test]
     fn duplicate_service_names_its_line() {
         let err = load("version = 1\n[[services]]\nname = \"a\"\n[[services]]\nname = \"a\"\n")
             .unwrap_err();

@@ -9,6 +9,7 @@
 use crate::budget::{BudgetModel, HostModel, PhaseLimits, Pool};
 use crate::catalog::Catalog;
 use crate::load::{self, LoadError, Located};
+use crate::ollama::OllamaPolicy;
 use crate::resilience::Resilience;
 use crate::snapshot::{check_name, invalid, Invalid, PathSeg, DEFAULT_TIMEOUT};
 use crate::{Defaults, Phase, Protocol, RouteRule, Service, Snapshot};
@@ -50,6 +51,8 @@ pub struct Policy {
     pub routes: Vec<RouteRule>,
     pub trace: Option<Trace>,
     pub budget: BudgetModel,
+    /// The Ollama gateway, caller rates and per-agent limits (`[ollama]`).
+    pub ollama: OllamaPolicy,
 }
 
 /// One file as written: every section optional; a section may be defined in one file only.
@@ -63,6 +66,7 @@ struct PolicyFile {
     host: Option<HostModel>,
     pools: Option<BTreeMap<String, Pool>>,
     phases: Option<BTreeMap<Phase, PhaseLimits>>,
+    ollama: Option<OllamaPolicy>,
 }
 
 /// Every problem found in a policy directory, one per line when displayed.
@@ -173,6 +177,7 @@ impl Policy {
             routes,
             budget: None,
             trace: self.trace,
+            ollama: self.ollama.clone(),
         };
         (snap, skipped)
     }
@@ -216,6 +221,7 @@ impl Policy {
             ..Snapshot::default()
         };
         probe.validate()?;
+        self.ollama.validate()?;
         self.budget.validate()
     }
 }
@@ -316,6 +322,11 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
         if let Some(v) = file.phases {
             if claim("phases") {
                 policy.budget.phases = v;
+            }
+        }
+        if let Some(v) = file.ollama {
+            if claim("ollama") {
+                policy.ollama = v;
             }
         }
     }

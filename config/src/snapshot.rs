@@ -2,6 +2,7 @@
 //! defaults. A snapshot is immutable once built and is replaced as a whole.
 
 use crate::budget::AgentBudget;
+use crate::ollama::OllamaPolicy;
 use crate::policy::Trace;
 use crate::resilience::Resilience;
 use crate::Phase;
@@ -32,6 +33,8 @@ pub struct Snapshot {
     pub budget: Option<AgentBudget>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<Trace>,
+    #[serde(default)]
+    pub ollama: OllamaPolicy,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -240,6 +243,7 @@ impl Snapshot {
                 return Err(invalid(at("timeout"), "must be greater than zero"));
             }
         }
+        self.ollama.validate()?;
         Ok(())
     }
 

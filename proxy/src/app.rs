@@ -109,7 +109,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             name: "inbound",
             listener,
             builder: builder.clone(),
-            service: inbound::stack_with(&boot, pools.clone(), limit.clone()),
+            service: inbound::stack_with(&boot, &state, pools.clone(), limit.clone()),
             detect_timeout,
         };
         tokio::spawn(inbound.run(watch.clone()));

@@ -20,6 +20,17 @@ pub struct ProxyBody {
     bytes: u64,
     permit: Option<OwnedSemaphorePermit>,
     record: Option<AccessRecord>,
+    on_end: Option<OnEnd>,
+}
+
+/// Runs once when the body ends: with `None` when it ended cleanly, else the error kind
+/// (`client_reset`, `upstream_reset`).
+pub struct OnEnd(Box<dyn FnOnce(Option<&'static str>) + Send + Sync>);
+
+impl std::fmt::Debug for OnEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnEnd")
+    }
 }
 
 #[derive(Debug)]
@@ -57,12 +68,18 @@ impl ProxyBody {
             bytes: 0,
             permit: None,
             record: None,
+            on_end: None,
         }
     }
 
     /// Holds a concurrency permit until the body ends or is dropped.
     pub fn hold_permit(&mut self, permit: OwnedSemaphorePermit) {
         self.permit = Some(permit);
+    }
+
+    /// Calls `f` when the body ends or is dropped (a gateway slot is released there).
+    pub fn on_end(&mut self, f: impl FnOnce(Option<&'static str>) + Send + Sync + 'static) {
+        self.on_end = Some(OnEnd(Box::new(f)));
     }
 
     /// Completes the access record when the body ends (or is dropped).
@@ -83,6 +100,10 @@ impl ProxyBody {
 
     fn end(&mut self, error: Option<&'static str>) {
         self.permit = None;
+        if let Some(OnEnd(f)) = self.on_end.take() {
+            // A body that was complete before anyone polled it was not cut short.
+            f(error.filter(|_| !self.inner_is_end()));
+        }
         if let Some(record) = self.record.take() {
             record.finish(self.bytes, error);
         }
@@ -133,7 +154,7 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if self.record.is_some() {
+        if self.record.is_some() || self.on_end.is_some() {
             self.end(Some("client_reset"));
         }
     }

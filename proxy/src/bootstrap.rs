@@ -83,6 +83,10 @@ pub struct Listen {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Inbound {
+    /// `app` forwards to the agent; `ollama` makes this sidecar the Ollama gateway, with `app`
+    /// the Ollama server and the queue set by the snapshot's `[ollama.gateway]`.
+    #[serde(default)]
+    pub mode: InboundMode,
     /// The agent's own HTTP port on localhost.
     #[serde(default = "default_app")]
     pub app: SocketAddr,
@@ -94,6 +98,14 @@ pub struct Inbound {
     pub queue_timeout: Duration,
     #[serde(with = "humantime_serde", default = "default_inbound_timeout")]
     pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundMode {
+    #[default]
+    App,
+    Ollama,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -211,6 +223,7 @@ impl Bootstrap {
 impl Default for Inbound {
     fn default() -> Self {
         Self {
+            mode: InboundMode::App,
             app: default_app(),
             max_concurrency: default_max_concurrency(),
             queue_depth: default_queue_depth(),

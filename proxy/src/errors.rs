@@ -2,6 +2,7 @@
 
 use crate::body::ProxyBody;
 use http::{header, HeaderValue, Response, StatusCode};
+use mesh_config::Phase;
 use std::time::Duration;
 
 /// A failure the proxy answers on the caller's behalf. Each kind maps to one status, one JSON
@@ -35,6 +36,26 @@ pub enum ProxyError {
     },
     #[error("request body for {target} could not be read: {reason}")]
     RequestBody { target: String, reason: String },
+    #[error("{target} refused the request: {reason}")]
+    BadRequest { target: String, reason: String },
+    #[error("request body for {target} is larger than {limit} bytes")]
+    TooLarge { target: String, limit: usize },
+    #[error("calls to {target} are over this agent's rate limit")]
+    RateLimited {
+        target: String,
+        retry_after: Duration,
+    },
+    /// The Ollama gateway did not admit the request; `over_quota` answers 429, else 503.
+    #[error("{target} queue refused the request ({reason})")]
+    Queue {
+        target: String,
+        reason: &'static str,
+        over_quota: bool,
+        phase: Phase,
+        position: usize,
+        waited: Duration,
+        retry_after: Duration,
+    },
 }
 
 impl ProxyError {
@@ -51,6 +72,12 @@ impl ProxyError {
             ProxyError::Draining => "draining",
             ProxyError::BreakerOpen { .. } => "breaker_open",
             ProxyError::RequestBody { .. } => "request_body",
+            ProxyError::BadRequest { .. } | ProxyError::TooLarge { .. } => "bad_request",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::Queue {
+                over_quota: true, ..
+            } => "rate_limited",
+            ProxyError::Queue { .. } => "overloaded",
         }
     }
 
@@ -66,6 +93,13 @@ impl ProxyError {
             }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Overloaded { .. } | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RateLimited { .. }
+            | ProxyError::Queue {
+                over_quota: true, ..
+            } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Queue { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -79,6 +113,10 @@ impl ProxyError {
             | ProxyError::Overloaded { target, .. }
             | ProxyError::BreakerOpen { target, .. }
             | ProxyError::RequestBody { target, .. } => Some(target),
+            ProxyError::BadRequest { target, .. }
+            | ProxyError::TooLarge { target, .. }
+            | ProxyError::RateLimited { target, .. }
+            | ProxyError::Queue { target, .. } => Some(target),
             ProxyError::NoAuthority | ProxyError::Draining => None,
         }
     }
@@ -98,6 +136,21 @@ impl ProxyError {
         if let ProxyError::BreakerOpen { target, .. } = self {
             body["breaker"] = serde_json::json!({ "target": target, "state": "open" });
         }
+        if let ProxyError::Queue {
+            reason,
+            phase,
+            position,
+            waited,
+            retry_after,
+            ..
+        } = self
+        {
+            body["reason"] = (*reason).into();
+            body["phase"] = phase.as_str().into();
+            body["queue_position"] = (*position).into();
+            body["waited_ms"] = (waited.as_millis() as u64).into();
+            body["retry_after_s"] = ceil_secs(*retry_after).into();
+        }
         let mut rsp = Response::new(ProxyBody::json(body.to_string()));
         *rsp.status_mut() = self.status();
         rsp.headers_mut().insert(
@@ -105,10 +158,10 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         let retry_after = match self {
-            ProxyError::Overloaded { retry_after, .. } => Some(retry_after.as_secs().max(1)),
-            ProxyError::BreakerOpen { retry_after, .. } => {
-                Some(retry_after.as_millis().div_ceil(1000).max(1) as u64)
-            }
+            ProxyError::Overloaded { retry_after, .. }
+            | ProxyError::BreakerOpen { retry_after, .. }
+            | ProxyError::RateLimited { retry_after, .. }
+            | ProxyError::Queue { retry_after, .. } => Some(ceil_secs(*retry_after)),
             ProxyError::NoEndpoints { .. } | ProxyError::Draining => Some(1),
             _ => None,
         };
@@ -118,4 +171,9 @@ impl ProxyError {
         }
         rsp
     }
+}
+
+/// Whole seconds for `Retry-After`, rounded up and at least one.
+fn ceil_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }

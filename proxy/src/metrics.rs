@@ -24,6 +24,20 @@ pub const BREAKER_SHORT_CIRCUITS: &str = "agent_circuit_breaker_short_circuits_t
 pub const RETRIES_TOTAL: &str = "agent_retries_total";
 pub const RETRY_BUDGET_EXHAUSTED: &str = "agent_retry_budget_exhausted_total";
 pub const EJECTIONS_TOTAL: &str = "agent_endpoint_ejections_total";
+pub const OLLAMA_QUEUE_DEPTH: &str = "agent_ollama_queue_depth";
+pub const OLLAMA_QUEUE_WAIT: &str = "agent_ollama_queue_wait_seconds";
+pub const OLLAMA_ADMITTED: &str = "agent_ollama_admitted_total";
+pub const OLLAMA_REJECTED: &str = "agent_ollama_rejected_total";
+pub const OLLAMA_CANCELLED: &str = "agent_ollama_cancelled_total";
+pub const OLLAMA_SLOTS: &str = "agent_ollama_slots";
+pub const OLLAMA_SLOTS_BUSY: &str = "agent_ollama_slots_busy";
+pub const OLLAMA_SLOT_BUSY: &str = "agent_ollama_slot_busy_microseconds_total";
+pub const OLLAMA_BREAKER_OPEN: &str = "agent_ollama_breaker_open";
+pub const OLLAMA_RATE_LIMITED: &str = "agent_ollama_rate_limited_total";
+
+const QUEUE_WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -36,7 +50,7 @@ const COMMON_STATUS: [u16; 19] = [
 ];
 
 /// Error kinds counted in `agent_errors_total{kind}`: a closed set.
-pub const ERROR_KINDS: [&str; 13] = [
+pub const ERROR_KINDS: [&str; 15] = [
     "no_route",
     "no_authority",
     "no_endpoints",
@@ -50,6 +64,8 @@ pub const ERROR_KINDS: [&str; 13] = [
     "upstream_status",
     "breaker_open",
     "request_body",
+    "bad_request",
+    "rate_limited",
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -59,6 +75,8 @@ pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)
+            .expect("bucket list is not empty")
+            .set_buckets_for_metric(Matcher::Full(OLLAMA_QUEUE_WAIT.into()), QUEUE_WAIT_BUCKETS)
             .expect("bucket list is not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -112,6 +130,39 @@ fn describe() {
         "Retries not sent because the target's budget was spent."
     );
     describe_counter!(EJECTIONS_TOTAL, "Endpoints ejected from balancing.");
+    describe_gauge!(
+        OLLAMA_QUEUE_DEPTH,
+        "Requests waiting for an Ollama slot, by phase."
+    );
+    describe_histogram!(
+        OLLAMA_QUEUE_WAIT,
+        Unit::Seconds,
+        "Time from queued to admitted to Ollama, by phase."
+    );
+    describe_counter!(OLLAMA_ADMITTED, "Requests sent to Ollama, by phase.");
+    describe_counter!(
+        OLLAMA_REJECTED,
+        "Requests the gateway refused, by phase and reason (queue_full, over_quota, queue_timeout, ollama_unavailable)."
+    );
+    describe_counter!(
+        OLLAMA_CANCELLED,
+        "Requests whose caller left, by phase and reason (queued, served)."
+    );
+    describe_gauge!(OLLAMA_SLOTS, "Requests Ollama may serve at once.");
+    describe_gauge!(OLLAMA_SLOTS_BUSY, "Ollama slots in use.");
+    describe_counter!(
+        OLLAMA_SLOT_BUSY,
+        Unit::Microseconds,
+        "Slot time in use; utilisation = rate(this) / 1e6 / agent_ollama_slots."
+    );
+    describe_gauge!(
+        OLLAMA_BREAKER_OPEN,
+        "1 while the gateway refuses because Ollama is down."
+    );
+    describe_counter!(
+        OLLAMA_RATE_LIMITED,
+        "Calls to Ollama refused at the caller's sidecar by its rate limit."
+    );
 }
 
 /// Counters for one (direction, target) pair. Label sets are registered on first use, so a

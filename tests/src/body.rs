@@ -54,6 +54,19 @@ impl BodySender {
             .expect("body reader dropped before the chunk was sent");
     }
 
+    /// Queues one data frame; gives it back when the reader has dropped the body.
+    pub fn try_send(&self, chunk: impl Into<Bytes>) -> Result<(), Bytes> {
+        self.tx.send(Frame::data(chunk.into())).map_err(|e| {
+            e.0.into_data()
+                .unwrap_or_else(|_| unreachable!("only data frames are sent here"))
+        })
+    }
+
+    /// Resolves once the reader has dropped the body (the peer went away).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+
     /// Ends the body with trailers.
     pub fn trailers(self, trailers: HeaderMap) {
         self.tx

@@ -9,6 +9,7 @@ pub mod client;
 pub mod consul;
 pub mod control;
 pub mod metrics;
+pub mod ollama;
 pub mod proxy;
 pub mod server;
 pub mod snapshot;

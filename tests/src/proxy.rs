@@ -30,6 +30,7 @@ pub struct Builder {
     phase: String,
     snapshot: String,
     inbound_app: Option<SocketAddr>,
+    ollama_gateway: bool,
     max_concurrency: u32,
     queue_depth: u32,
     queue_timeout: String,
@@ -70,6 +71,7 @@ pub fn builder() -> Builder {
         phase: "critical".to_owned(),
         snapshot: "version = 1\n".to_owned(),
         inbound_app: None,
+        ollama_gateway: false,
         max_concurrency: 64,
         queue_depth: 256,
         queue_timeout: "1s".to_owned(),
@@ -101,6 +103,14 @@ impl Builder {
     /// Enables the inbound listener, forwarding to `app`.
     pub fn inbound_app(mut self, app: SocketAddr) -> Self {
         self.inbound_app = Some(app);
+        self
+    }
+
+    /// Makes this sidecar the Ollama gateway (`[inbound] mode = "ollama"`) in front of `ollama`;
+    /// the queue comes from the snapshot's `[ollama.gateway]`.
+    pub fn ollama_gateway(mut self, ollama: SocketAddr) -> Self {
+        self.inbound_app = Some(ollama);
+        self.ollama_gateway = true;
         self
     }
 
@@ -145,6 +155,9 @@ impl Builder {
                 "\n[inbound]\napp = \"{app}\"\nmax_concurrency = {}\nqueue_depth = {}\nqueue_timeout = {:?}\n",
                 self.max_concurrency, self.queue_depth, self.queue_timeout
             ));
+            if self.ollama_gateway {
+                out.push_str("mode = \"ollama\"\n");
+            }
         }
         out.push_str(&format!(
             "\n[snapshot]\nfile = {:?}\npoll_interval = {:?}\n\n[drain]\ngrace = {:?}\n",

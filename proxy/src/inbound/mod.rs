@@ -1,26 +1,43 @@
 //! The inbound path: peers' calls to this sidecar's agent.
 //! `target (this agent) -> access log -> concurrency -> deadline -> timeout -> forward to the
-//! local app`. The deadline honours the budget a peer sidecar propagated (`x-mesh-timeout-ms`).
+//! local app`, or, for the sidecar in front of Ollama, `target -> access log -> ollama gateway`.
+//! The deadline honours the budget a peer sidecar propagated (`x-mesh-timeout-ms`).
 
 pub mod concurrency;
+pub mod ollama;
 pub mod target;
 
 use crate::access_log::AccessLogLayer;
-use crate::bootstrap::Bootstrap;
+use crate::body::ProxyBody;
+use crate::bootstrap::{Bootstrap, InboundMode};
 use crate::outbound::deadline::{DeadlineLayer, SetDeadline};
 use crate::outbound::{forward::Forward, pool::Pools, timeout::TimeoutLayer};
+use crate::state::State;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tower::ServiceBuilder;
 
-pub type Stack = target::LocalTarget<
+/// The inbound service: the local app's stack or the Ollama gateway, as the bootstrap says.
+#[derive(Clone, Debug)]
+pub enum Stack {
+    App(AppStack),
+    Ollama(ollama::Stack),
+}
+
+pub type AppStack = target::LocalTarget<
     crate::access_log::AccessLog<
         concurrency::ConcurrencyLimit<SetDeadline<crate::outbound::timeout::Timeout<Forward>>>,
     >,
 >;
 
-pub fn stack(boot: &Bootstrap, pools: Arc<Pools>) -> Stack {
+pub fn stack(boot: &Bootstrap, state: &Arc<State>, pools: Arc<Pools>) -> Stack {
     stack_with(
         boot,
+        state,
         pools,
         concurrency::ConcurrencyLayer::new(&boot.inbound),
     )
@@ -29,9 +46,21 @@ pub fn stack(boot: &Bootstrap, pools: Arc<Pools>) -> Stack {
 /// The stack with a given concurrency layer, whose limit the caller may resize.
 pub fn stack_with(
     boot: &Bootstrap,
+    state: &Arc<State>,
     pools: Arc<Pools>,
     limit: concurrency::ConcurrencyLayer,
 ) -> Stack {
+    match boot.inbound.mode {
+        InboundMode::App => Stack::App(app_stack(boot, pools, limit)),
+        InboundMode::Ollama => Stack::Ollama(ollama::stack(boot, state)),
+    }
+}
+
+fn app_stack(
+    boot: &Bootstrap,
+    pools: Arc<Pools>,
+    limit: concurrency::ConcurrencyLayer,
+) -> AppStack {
     let local = target::LocalTargetLayer::new(boot);
     let fallback = local.metrics();
     ServiceBuilder::new()
@@ -41,4 +70,24 @@ pub fn stack_with(
         .layer(DeadlineLayer)
         .layer(TimeoutLayer)
         .service(Forward::new(pools))
+}
+
+impl tower::Service<Request<Incoming>> for Stack {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self {
+            Stack::App(s) => s.poll_ready(cx),
+            Stack::Ollama(s) => s.poll_ready(cx),
+        }
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        match self {
+            Stack::App(s) => s.call(req),
+            Stack::Ollama(s) => s.call(req),
+        }
+    }
 }

@@ -230,7 +230,7 @@ fn rewrite<B>(
 }
 
 /// Removes headers that describe one connection, not the message (RFC 9110 7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Most messages carry none: one pass over the names is cheaper than eight hashed removes.
     if !headers.keys().any(is_hop_by_hop) {
         return;
@@ -283,7 +283,7 @@ fn contains_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

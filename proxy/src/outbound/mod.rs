@@ -1,7 +1,7 @@
 //! The outbound path: an agent's calls to other agents, in the order a request meets them.
-//! `route -> access log -> deadline -> timeout -> retry -> breaker (fallback) -> forward
-//! (balance with ejection, pool)`. Each policy is a tower layer in its own file; adding one is
-//! a file and a line in [`stack`].
+//! `route -> access log -> limit (Ollama rate) -> deadline -> timeout -> retry -> breaker
+//! (fallback) -> forward (balance with ejection, pool)`. Each policy is a tower layer in its own
+//! file; adding one is a file and a line in [`stack`].
 
 pub mod balance;
 pub mod breaker;
@@ -10,6 +10,7 @@ pub mod deadline;
 pub mod eject;
 pub mod fallback;
 pub mod forward;
+pub mod limit;
 pub mod pool;
 pub mod replay;
 pub mod resilience;
@@ -29,8 +30,10 @@ pub use route::CALLER_HEADER;
 /// The outbound service, outermost layer first.
 pub type Stack = route::RouteService<
     crate::access_log::AccessLog<
-        deadline::SetDeadline<
-            timeout::Timeout<retry::Retry<breaker::CircuitBreaker<forward::Forward>>>,
+        limit::RateLimit<
+            deadline::SetDeadline<
+                timeout::Timeout<retry::Retry<breaker::CircuitBreaker<forward::Forward>>>,
+            >,
         >,
     >,
 >;
@@ -45,6 +48,11 @@ pub fn stack(boot: &Bootstrap, state: Arc<State>, pools: Arc<pool::Pools>) -> St
             boot.log.access,
         ))
         .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
+        .layer(limit::RateLimitLayer::new(
+            &boot.agent,
+            boot.phase,
+            state.clone(),
+        ))
         .layer(deadline::DeadlineLayer)
         .layer(timeout::TimeoutLayer)
         .layer(retry::RetryLayer)
