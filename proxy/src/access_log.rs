@@ -11,7 +11,6 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use std::cell::RefCell;
 use std::convert::Infallible;
-use std::io::Write;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -115,41 +114,51 @@ impl AccessRecord {
         bytes: u64,
         error: Option<&'static str>,
     ) {
-        {
-            let now = humantime::format_rfc3339_micros(SystemTime::now());
-            let _ = write!(
-                out,
-                "{{\"timestamp\":\"{now}\",\"level\":\"INFO\",\"target\":\"access\""
-            );
-            let _ = write!(
-                out,
-                ",\"direction\":\"{}\",\"target_service\":",
-                self.direction
-            );
-            json_str(out, &self.metrics.target);
-            out.extend_from_slice(b",\"method\":");
-            json_str(out, self.method.as_str());
-            out.extend_from_slice(b",\"path\":");
-            json_str(out, self.uri.path());
-            let _ = write!(
-                out,
-                ",\"version\":\"{:?}\",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{}",
-                self.version,
-                self.status,
-                elapsed.as_secs_f64() * 1e3,
-                bytes
-            );
-            if let Some(kind) = error {
-                let _ = write!(out, ",\"error\":\"{kind}\"");
-            }
-            if let Some(detail) = &self.detail {
-                out.extend_from_slice(b",\"detail\":");
-                json_str(out, detail);
-            }
-            out.extend_from_slice(b"}\n");
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        crate::log::rfc3339_micros(out, SystemTime::now());
+        out.extend_from_slice(b"\",\"level\":\"INFO\",\"target\":\"access\",\"direction\":\"");
+        out.extend_from_slice(self.direction.as_bytes());
+        out.extend_from_slice(b"\",\"target_service\":");
+        json_str(out, &self.metrics.target);
+        out.extend_from_slice(b",\"method\":");
+        json_str(out, self.method.as_str());
+        out.extend_from_slice(b",\"path\":");
+        json_str(out, self.uri.path());
+        out.extend_from_slice(b",\"version\":\"");
+        out.extend_from_slice(version_str(self.version).as_bytes());
+        out.extend_from_slice(b"\",\"status\":");
+        push_u64(out, self.status.into());
+        out.extend_from_slice(b",\"duration_ms\":");
+        let micros = elapsed.as_micros() as u64;
+        push_u64(out, micros / 1000);
+        out.push(b'.');
+        push_padded(out, micros % 1000, 3);
+        out.extend_from_slice(b",\"bytes\":");
+        push_u64(out, bytes);
+        if let Some(kind) = error {
+            out.extend_from_slice(b",\"error\":");
+            json_str(out, kind);
         }
+        if let Some(detail) = &self.detail {
+            out.extend_from_slice(b",\"detail\":");
+            json_str(out, detail);
+        }
+        out.extend_from_slice(b"}\n");
     }
 }
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP",
+    }
+}
+
+use crate::log::{push_padded, push_u64};
 
 impl Drop for AccessRecord {
     fn drop(&mut self) {

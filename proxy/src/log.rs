@@ -1,21 +1,70 @@
 //! JSON log lines on stdout, written by a background thread so no request waits on the
-//! terminal or the container runtime's pipe. Access lines skip `tracing`'s formatter: they are
-//! one per request, so they are written by hand into a reused buffer.
+//! terminal or the container runtime's pipe. Each runtime thread gathers its lines in a local
+//! batch and hands the batch over when it is large, old, or the thread goes idle, so a busy
+//! proxy pays one channel send per few dozen lines. Access lines skip `tracing`'s formatter:
+//! they are one per request, so they are written by hand.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::OnceLock;
-use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, WorkerGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use tracing_subscriber::EnvFilter;
 
-/// Where access lines go; set once by [`init`]. Without it (a library embedding the proxy, the
-/// tests) requests are still counted in metrics but not logged.
-static ACCESS: OnceLock<NonBlocking> = OnceLock::new();
+/// A batch is handed to the writer at this size...
+const BATCH_BYTES: usize = 16 * 1024;
+/// ...or when its first line is this old.
+const BATCH_AGE: Duration = Duration::from_millis(50);
+/// Batches waiting for the writer; beyond this, lines are dropped and counted.
+const QUEUE: usize = 1024;
 
-/// Installs the global subscriber; keep the guard alive until exit to flush the last lines.
-pub fn init(level: &str) -> WorkerGuard {
-    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking(stdout);
-    let _ = ACCESS.set(writer.clone());
+/// Where lines go; set once by [`init`]. Without it (a library embedding the proxy, the tests)
+/// requests are still counted in metrics but not logged.
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+struct Sink {
+    tx: SyncSender<Vec<u8>>,
+    dropped: AtomicU64,
+}
+
+struct Batch {
+    buf: Vec<u8>,
+    first: Option<Instant>,
+}
+
+thread_local! {
+    static BATCH: RefCell<Batch> = const { RefCell::new(Batch { buf: Vec::new(), first: None }) };
+}
+
+/// Flushes every line written so far when dropped; keep it alive until exit.
+pub struct LogGuard {
+    writer: Option<JoinHandle<()>>,
+}
+
+/// Installs the global subscriber and the writer thread.
+pub fn init(level: &str) -> LogGuard {
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE);
+    let writer = std::thread::Builder::new()
+        .name("mesh-log".into())
+        .spawn(move || {
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            // An empty batch is the guard's signal that every line has been handed over.
+            while let Ok(batch) = rx.recv() {
+                if batch.is_empty() {
+                    break;
+                }
+                let _ = out.write_all(&batch);
+                let _ = out.flush();
+            }
+        })
+        .ok();
+    let _ = SINK.set(Sink {
+        tx,
+        dropped: AtomicU64::new(0),
+    });
     let filter = EnvFilter::try_from_env("MESH_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -25,25 +74,109 @@ pub fn init(level: &str) -> WorkerGuard {
         .with_current_span(false)
         .with_span_list(false)
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(|| EventWriter)
         .init();
-    guard
+    LogGuard { writer }
 }
 
-/// Lines dropped because the writer thread fell behind (the queue holds 128k lines).
-pub fn dropped_lines() -> Option<ErrorCounter> {
-    ACCESS.get().map(|w| w.error_counter())
-}
-
-/// Hands one finished line to the writer thread.
-pub(crate) fn write_access(line: &[u8]) {
-    if let Some(w) = ACCESS.get() {
-        let _ = w.clone().write_all(line);
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        flush_thread();
+        if let (Some(sink), Some(writer)) = (SINK.get(), self.writer.take()) {
+            if sink.tx.send(Vec::new()).is_ok() {
+                let _ = writer.join();
+            }
+        }
     }
 }
 
+/// Lines dropped because the writer thread fell behind.
+pub fn dropped_lines() -> Option<u64> {
+    SINK.get().map(|s| s.dropped.load(Ordering::Relaxed))
+}
+
+/// Hands this thread's batch to the writer. Runtime threads call it before they park, so an
+/// idle proxy never holds lines back.
+pub fn flush_thread() {
+    let Some(sink) = SINK.get() else { return };
+    // `try_with`: a thread being torn down may already have dropped its batch.
+    let _ = BATCH.try_with(|b| {
+        if let Ok(mut b) = b.try_borrow_mut() {
+            send(sink, &mut b);
+        }
+    });
+}
+
+fn send(sink: &Sink, b: &mut Batch) {
+    if b.buf.is_empty() {
+        return;
+    }
+    let batch = std::mem::replace(&mut b.buf, Vec::with_capacity(BATCH_BYTES));
+    b.first = None;
+    if let Err(TrySendError::Full(batch) | TrySendError::Disconnected(batch)) =
+        sink.tx.try_send(batch)
+    {
+        let lines = batch.iter().filter(|&&c| c == b'\n').count() as u64;
+        sink.dropped.fetch_add(lines, Ordering::Relaxed);
+    }
+}
+
+/// Appends one finished line (ending in a newline) to this thread's batch.
+pub(crate) fn write_access(line: &[u8]) {
+    let Some(sink) = SINK.get() else { return };
+    let _ = BATCH.try_with(|b| {
+        let Ok(mut b) = b.try_borrow_mut() else {
+            return;
+        };
+        if b.buf.capacity() == 0 {
+            b.buf.reserve(BATCH_BYTES);
+        }
+        b.buf.extend_from_slice(line);
+        let now = Instant::now();
+        let first = *b.first.get_or_insert(now);
+        if b.buf.len() >= BATCH_BYTES || now.duration_since(first) >= BATCH_AGE {
+            send(sink, &mut b);
+        }
+    });
+}
+
 pub(crate) fn access_enabled() -> bool {
-    ACCESS.get().is_some()
+    SINK.get().is_some()
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        if let Some(sink) = SINK.get() {
+            send(sink, self);
+        }
+    }
+}
+
+/// `tracing`'s writer: an event joins this thread's batch, which is handed over at once,
+/// since events are rare and should not wait behind access lines.
+struct EventWriter;
+
+impl Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if SINK.get().is_some() {
+            let _ = BATCH.try_with(|b| {
+                if let Ok(mut b) = b.try_borrow_mut() {
+                    b.buf.extend_from_slice(buf);
+                }
+            });
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for EventWriter {
+    fn drop(&mut self) {
+        flush_thread();
+    }
 }
 
 /// Appends `s` as a JSON string (with quotes).
@@ -74,9 +207,94 @@ pub(crate) fn json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends `n` in decimal.
+pub(crate) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// Appends `n` in decimal, left-padded with zeros to `width` digits.
+pub(crate) fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
+    let start = out.len();
+    push_u64(out, n);
+    let len = out.len() - start;
+    if len < width {
+        out.splice(start..start, std::iter::repeat_n(b'0', width - len));
+    }
+}
+
+/// Appends `t` as RFC 3339 UTC with microseconds, e.g. `2026-11-25T13:44:46.185325Z`.
+pub(crate) fn rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    push_padded(out, year as u64, 4);
+    out.push(b'-');
+    push_padded(out, month as u64, 2);
+    out.push(b'-');
+    push_padded(out, day as u64, 2);
+    out.push(b'T');
+    push_padded(out, rem / 3600, 2);
+    out.push(b':');
+    push_padded(out, rem % 3600 / 60, 2);
+    out.push(b':');
+    push_padded(out, rem % 60, 2);
+    out.push(b'.');
+    push_padded(out, u64::from(since.subsec_micros()), 6);
+    out.push(b'Z');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_match_humantime() {
+        use std::time::{Duration, UNIX_EPOCH};
+        for secs in [
+            0u64,
+            951_782_400,
+            1_700_000_000,
+            1_795_000_123,
+            4_102_444_799,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + 123_456);
+            let mut out = Vec::new();
+            rfc3339_micros(&mut out, t);
+            let want = humantime::format_rfc3339_micros(t).to_string();
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn numbers_are_decimal() {
+        let mut out = Vec::new();
+        push_u64(&mut out, 0);
+        out.push(b' ');
+        push_u64(&mut out, u64::MAX);
+        out.push(b' ');
+        push_padded(&mut out, 7, 3);
+        assert_eq!(out, b"0 18446744073709551615 007");
+    }
 
     #[test]
     fn strings_are_escaped_as_json() {

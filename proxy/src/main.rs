@@ -44,7 +44,12 @@ fn main() -> ExitCode {
     if boot.runtime.worker_threads > 0 {
         rt.worker_threads(boot.runtime.worker_threads);
     }
-    let rt = match rt.enable_all().thread_name("mesh-proxy").build() {
+    let rt = match rt
+        .enable_all()
+        .thread_name("mesh-proxy")
+        .on_thread_park(mesh_proxy::log::flush_thread)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("mesh-proxy: cannot start the runtime: {e}");
