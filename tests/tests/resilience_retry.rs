@@ -5,7 +5,7 @@ use http::Method;
 use mesh_tests::client;
 use mesh_tests::proxy;
 use mesh_tests::server::{self, SERVED_BY};
-use mesh_tests::snapshot::{service, snapshot};
+use mesh_tests::snapshot::{route, service, snapshot};
 
 /// Retries on, breakers and ejection off, so every attempt reaches an upstream.
 const RETRY: &str = "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"5ms\" }";
@@ -69,6 +69,46 @@ async fn post_is_replayed_only_with_opt_in() {
     assert_eq!(reply.header(SERVED_BY), Some("p"));
     assert_eq!(up.requests(), 3);
     assert_eq!(up.methods(), ["POST", "POST", "POST"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_rule_opts_its_posts_into_retries() {
+    let up = server::fixed(200, "done")
+        .label("r")
+        .fail_first(1)
+        .run()
+        .await;
+    let snap = snapshot(1)
+        .service(
+            service("rt-r")
+                .endpoint(up.addr())
+                .policy("retry", RETRY)
+                .policy("breaker", "{ enabled = false }")
+                .policy("ejection", "{ enabled = false }"),
+        )
+        .route(
+            route("rt-r", "rt-r")
+                .path_prefix("/jobs/")
+                .retry_non_idempotent(),
+        );
+    let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
+    let c = client::http1(proxy.outbound());
+    let post = |path: &str| {
+        c.request(Method::POST, "rt-r", path)
+            .body(mesh_tests::body::full("job"))
+            .unwrap()
+    };
+
+    // On the opted-in route the first 503 is replayed without any header from the caller.
+    let reply = c.send(post("/jobs/1")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(up.methods(), ["POST", "POST"]);
+
+    // Elsewhere on the same service a POST is still sent once.
+    up.set_failing(true);
+    let reply = c.send(post("/other")).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(up.requests(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! Retries: a failed attempt is sent again, after an exponential backoff with full jitter, to
 //! another endpoint when there is one, while the target's budget and the caller's deadline
 //! allow. Only when it is safe: an idempotent method, a service with `non_idempotent = true`,
-//! or a request carrying `x-mesh-retryable: true`; a request that never left (connect
+//! a route rule with `retry_non_idempotent = true`, or a request carrying
+//! `x-mesh-retryable: true`; a request that never left (connect
 //! failure) is always safe. The body must be small enough to keep (`max_body_bytes`): larger
 //! or unknown-length bodies stream through once. A retry is decided on the response head,
 //! before anything reaches the caller.
@@ -102,13 +103,15 @@ where
             return Box::pin(self.inner.call(req.map(RequestBody::from)));
         };
         let target = route.map(|r| r.backend.name.clone()).unwrap_or_default();
+        let route_opt_in = route.is_some_and(|r| r.retry_non_idempotent);
         policy.budget.deposit();
         let (mut parts, body) = req.into_parts();
         let opted_in = parts
             .headers
             .remove(RETRYABLE_HEADER)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-        let safe = idempotent(&parts.method) || policy.params.non_idempotent || opted_in;
+        let safe =
+            idempotent(&parts.method) || policy.params.non_idempotent || route_opt_in || opted_in;
         let max = policy.params.max_body_bytes;
         let keepable = !parts.headers.contains_key(http::header::UPGRADE)
             && (body.is_end_stream() || body.size_hint().upper().is_some_and(|u| u <= max));
