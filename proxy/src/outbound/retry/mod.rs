@@ -2,10 +2,10 @@
 //! another endpoint when there is one, while the target's budget and the caller's deadline
 //! allow. Only when it is safe: an idempotent method, a service with `non_idempotent = true`,
 //! a route rule with `retry_non_idempotent = true`, or a request carrying
-//! `x-mesh-retryable: true`; a request that never left (connect failure) is always safe. The body must be small enough to keep (`max_body_bytes`): a body
-//! of known length is read whole first; one of unknown length streams to the first attempt at
-//! once and is kept on the side (`tee.rs`) until it outgrows the bound, after which it is not
-//! retried. A retry is decided on the response head, before anything reaches the caller.
+//! `x-mesh-retryable: true`; a request that never left (connect failure) is always safe.
+//! The body must be small enough to keep (`max_body_bytes`): a body of known length is read
+//! whole first; one of unknown length streams to the first attempt at once and is kept on the
+//! side (`tee.rs`) until it outgrows the bound, after which it is not retried. A retry is decided on the response head, before anything reaches the caller.
 
 pub mod budget;
 
