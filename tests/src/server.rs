@@ -119,6 +119,8 @@ struct State {
     failing: AtomicBool,
     /// The method of every request, in arrival order.
     methods: Mutex<Vec<String>>,
+    /// The headers of every request, in arrival order.
+    headers: Mutex<Vec<HeaderMap>>,
 }
 
 // === impl Builder ===
@@ -176,6 +178,7 @@ impl Builder {
             fail_left: AtomicU64::new(self.fail_first),
             failing: AtomicBool::new(false),
             methods: Mutex::new(Vec::new()),
+            headers: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         Server {
@@ -221,6 +224,11 @@ impl Server {
     /// The method of each request so far.
     pub fn methods(&self) -> Vec<String> {
         self.state.methods.lock().expect("methods lock").clone()
+    }
+
+    /// The headers of each request so far.
+    pub fn request_headers(&self) -> Vec<HeaderMap> {
+        self.state.headers.lock().expect("headers lock").clone()
     }
 
     /// While `on`, every request gets 503: an upstream that is down, then recovers.
@@ -297,6 +305,11 @@ async fn handle(
         .lock()
         .expect("methods lock")
         .push(req.method().to_string());
+    state
+        .headers
+        .lock()
+        .expect("headers lock")
+        .push(req.headers().clone());
     state.arrived.send_modify(|n| *n += 1);
 
     let fail_now = state.failing.load(Ordering::SeqCst)
