@@ -95,6 +95,10 @@ pub struct RouteRule {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// Retries non-idempotent requests (POST, PATCH) on this route under the backend's retry
+    /// policy, as if each carried `x-mesh-retryable: true`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry_non_idempotent: bool,
 }
 
 /// One step in the path to an invalid value, for error messages and line lookup.
@@ -326,6 +330,7 @@ mod tests {
                 headers: BTreeMap::new(),
                 backend: "missing".into(),
                 timeout: None,
+                retry_non_idempotent: false,
             }],
             ..Default::default()
         };

@@ -33,6 +33,7 @@ pub struct Rule {
     headers: Box<[(HeaderName, HeaderValue)]>,
     pub backend: Arc<Backend>,
     pub timeout: Duration,
+    retry_non_idempotent: bool,
 }
 
 /// What a request is routed to.
@@ -40,6 +41,8 @@ pub struct Rule {
 pub struct Route {
     pub backend: Arc<Backend>,
     pub timeout: Duration,
+    /// The route opts its non-idempotent requests into the backend's retries.
+    pub retry_non_idempotent: bool,
 }
 
 /// A compiled snapshot: lookups by normalized authority.
@@ -71,6 +74,7 @@ impl RouteTable {
                     return Some(Route {
                         backend: rule.backend.clone(),
                         timeout: rule.timeout,
+                        retry_non_idempotent: rule.retry_non_idempotent,
                     });
                 }
             }
@@ -78,6 +82,7 @@ impl RouteTable {
         self.by_name.get(name).map(|b| Route {
             backend: b.clone(),
             timeout: b.timeout,
+            retry_non_idempotent: false,
         })
     }
 }
@@ -186,6 +191,7 @@ impl Compiler {
                 path_prefix: rule.path_prefix.as_deref().map(Into::into),
                 headers,
                 timeout: rule.timeout.unwrap_or(backend.timeout),
+                retry_non_idempotent: rule.retry_non_idempotent,
                 backend: backend.clone(),
             });
         }

@@ -1,6 +1,7 @@
 //! Integration harness for the agent mesh: fake upstreams (`server`), clients that speak
 //! HTTP/1.1, h2c and raw TCP (`client`), the proxy under test in-process or as a child process
-//! (`proxy`), snapshot text builders (`snapshot`) and metric lookups (`metrics`).
+//! (`proxy`), an app that calls onward through its sidecar (`relay`), snapshot text builders
+//! (`snapshot`) and metric lookups (`metrics`).
 //!
 //! Every wait in the harness is bounded by [`WAIT`] and panics with what it was waiting for.
 
@@ -11,6 +12,7 @@ pub mod control;
 pub mod metrics;
 pub mod ollama;
 pub mod proxy;
+pub mod relay;
 pub mod server;
 pub mod snapshot;
 

@@ -119,6 +119,13 @@ struct State {
     failing: AtomicBool,
     /// The method of every request, in arrival order.
     methods: Mutex<Vec<String>>,
+    /// The headers of every request, in arrival order.
+    headers: Mutex<Vec<HeaderMap>>,
+    /// Bumped by [`Server::close_connections`]: every open connection shuts down gracefully.
+    close: watch::Sender<u64>,
+    /// Connections accepted, and connections that have ended.
+    accepted: watch::Sender<u64>,
+    closed: watch::Sender<u64>,
 }
 
 // === impl Builder ===
@@ -176,6 +183,10 @@ impl Builder {
             fail_left: AtomicU64::new(self.fail_first),
             failing: AtomicBool::new(false),
             methods: Mutex::new(Vec::new()),
+            headers: Mutex::new(Vec::new()),
+            close: watch::Sender::new(0),
+            accepted: watch::Sender::new(0),
+            closed: watch::Sender::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         Server {
@@ -223,6 +234,29 @@ impl Server {
         self.state.methods.lock().expect("methods lock").clone()
     }
 
+    /// The headers of each request so far.
+    pub fn request_headers(&self) -> Vec<HeaderMap> {
+        self.state.headers.lock().expect("headers lock").clone()
+    }
+
+    /// How many connections this upstream has accepted.
+    pub fn connections(&self) -> u64 {
+        *self.state.accepted.borrow()
+    }
+
+    /// Shuts every open connection down gracefully, as a peer going idle or away does: an idle
+    /// HTTP/1.1 keep-alive connection is closed (its last response promised keep-alive), an
+    /// HTTP/2 connection gets GOAWAY. Returns once every accepted connection has ended.
+    pub async fn close_connections(&self) {
+        self.state.close.send_modify(|n| *n += 1);
+        let accepted = self.connections();
+        let mut rx = self.state.closed.subscribe();
+        let what = format!("upstream {:?} to close its connections", self.label);
+        bounded(&what, rx.wait_for(|closed| *closed >= accepted))
+            .await
+            .expect("fake upstream state outlives its server");
+    }
+
     /// While `on`, every request gets 503: an upstream that is down, then recovers.
     pub fn set_failing(&self, on: bool) {
         self.state.failing.store(on, Ordering::SeqCst);
@@ -263,15 +297,27 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let state = state.clone();
+                state.accepted.send_modify(|n| *n += 1);
                 conns.spawn(async move {
+                    let mut close = state.close.subscribe();
+                    let handler = state.clone();
                     let service = hyper::service::service_fn(move |req| {
-                        handle(state.clone(), req)
+                        handle(handler.clone(), req)
                     });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::pin!(conn);
                     // Errors here are the peer going away mid-request; tests see them on
                     // their side of the connection.
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = close.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                    state.closed.send_modify(|n| *n += 1);
                 });
             }
             // Reap finished connections so the set does not grow without end.
@@ -297,6 +343,11 @@ async fn handle(
         .lock()
         .expect("methods lock")
         .push(req.method().to_string());
+    state
+        .headers
+        .lock()
+        .expect("headers lock")
+        .push(req.headers().clone());
     state.arrived.send_modify(|n| *n += 1);
 
     let fail_now = state.failing.load(Ordering::SeqCst)

@@ -40,6 +40,7 @@ pub struct RouteToml {
     path_prefix: Option<String>,
     headers: Vec<(String, String)>,
     timeout: Option<String>,
+    retry_non_idempotent: bool,
 }
 
 pub fn snapshot(version: u64) -> SnapshotToml {
@@ -71,6 +72,7 @@ pub fn route(authority: &str, backend: &str) -> RouteToml {
         path_prefix: None,
         headers: Vec::new(),
         timeout: None,
+        retry_non_idempotent: false,
     }
 }
 
@@ -139,6 +141,9 @@ impl SnapshotToml {
             if let Some(t) = &r.timeout {
                 let _ = writeln!(out, "timeout = {}", quote(t));
             }
+            if r.retry_non_idempotent {
+                let _ = writeln!(out, "retry_non_idempotent = true");
+            }
         }
         out
     }
@@ -190,6 +195,12 @@ impl RouteToml {
 
     pub fn timeout(mut self, timeout: &str) -> Self {
         self.timeout = Some(timeout.to_owned());
+        self
+    }
+
+    /// Opts this route's POSTs (and other non-idempotent requests) into retries.
+    pub fn retry_non_idempotent(mut self) -> Self {
+        self.retry_non_idempotent = true;
         self
     }
 }

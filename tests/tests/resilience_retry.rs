@@ -5,7 +5,7 @@ use http::Method;
 use mesh_tests::client;
 use mesh_tests::proxy;
 use mesh_tests::server::{self, SERVED_BY};
-use mesh_tests::snapshot::{service, snapshot};
+use mesh_tests::snapshot::{route, service, snapshot};
 
 /// Retries on, breakers and ejection off, so every attempt reaches an upstream.
 const RETRY: &str = "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"5ms\" }";
@@ -72,6 +72,46 @@ async fn post_is_replayed_only_with_opt_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_rule_opts_its_posts_into_retries() {
+    let up = server::fixed(200, "done")
+        .label("r")
+        .fail_first(1)
+        .run()
+        .await;
+    let snap = snapshot(1)
+        .service(
+            service("rt-r")
+                .endpoint(up.addr())
+                .policy("retry", RETRY)
+                .policy("breaker", "{ enabled = false }")
+                .policy("ejection", "{ enabled = false }"),
+        )
+        .route(
+            route("rt-r", "rt-r")
+                .path_prefix("/jobs/")
+                .retry_non_idempotent(),
+        );
+    let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
+    let c = client::http1(proxy.outbound());
+    let post = |path: &str| {
+        c.request(Method::POST, "rt-r", path)
+            .body(mesh_tests::body::full("job"))
+            .unwrap()
+    };
+
+    // On the opted-in route the first 503 is replayed without any header from the caller.
+    let reply = c.send(post("/jobs/1")).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(up.methods(), ["POST", "POST"]);
+
+    // Elsewhere on the same service a POST is still sent once.
+    up.set_failing(true);
+    let reply = c.send(post("/other")).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(up.requests(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_stops_a_retry_storm() {
     const OFFERED: u64 = 200;
     let up = server::fixed(200, "ok").label("down").run().await;
@@ -104,4 +144,68 @@ async fn budget_stops_a_retry_storm() {
         seen <= OFFERED + OFFERED / 5 + 2,
         "upstream saw {seen} requests for {OFFERED} offered"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_post_streams_at_once_and_is_replayed_after_a_503() {
+    let up = server::echo_body().label("c").fail_first(1).run().await;
+    let snap = snapshot(1).service(
+        service("rt-c")
+            .endpoint(up.addr())
+            .policy("retry", RETRY)
+            .policy("breaker", "{ enabled = false }")
+            .policy("ejection", "{ enabled = false }"),
+    );
+    let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
+    let c = client::http1(proxy.outbound());
+
+    // A body of unknown length (chunked), opted in to retries.
+    let (tx, body) = mesh_tests::body::channel();
+    let req = c
+        .request(Method::POST, "rt-c", "/upload")
+        .header("x-mesh-retryable", "true")
+        .body(body)
+        .unwrap();
+    let reply = tokio::spawn(async move { c.send(req).await });
+    tx.send("first chunk, ");
+    // The first attempt reaches the upstream before the body has ended: nothing waited for it.
+    up.wait_requests(1).await;
+    tx.send("second chunk");
+    tx.finish();
+
+    // The upstream answered the first attempt 503; the retry carried the whole body again.
+    let reply = mesh_tests::bounded("the replayed POST", reply)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.text(), "first chunk, second chunk");
+    assert_eq!(up.methods(), ["POST", "POST"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_bound_is_sent_once() {
+    let up = server::echo_body().label("o").fail_first(1).run().await;
+    let snap = snapshot(1).service(
+        service("rt-o")
+            .endpoint(up.addr())
+            .policy(
+                "retry",
+                "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"5ms\", max_body_bytes = 16 }",
+            )
+            .policy("breaker", "{ enabled = false }")
+            .policy("ejection", "{ enabled = false }"),
+    );
+    let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
+    let c = client::http1(proxy.outbound());
+    let (tx, body) = mesh_tests::body::channel();
+    let req = c.request(Method::PUT, "rt-o", "/big").body(body).unwrap();
+    let reply = tokio::spawn(async move { c.send(req).await });
+    for _ in 0..3 {
+        tx.send("0123456789");
+    }
+    tx.finish();
+    // A PUT is idempotent, but 30 bytes outgrew the 16-byte bound mid-stream: the 503 stands.
+    let reply = mesh_tests::bounded("the PUT", reply).await.unwrap();
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(up.requests(), 1);
 }

@@ -36,6 +36,7 @@ impl LocalTargetLayer {
         Self {
             route: Route {
                 timeout: backend.timeout,
+                retry_non_idempotent: false,
                 backend: Arc::new(backend),
             },
         }

@@ -149,7 +149,8 @@ where
                     let backend = &attempt.backend;
                     let target = backend.name.to_string();
                     let reason = error_chain(&e);
-                    let err = if e.is_connect() {
+                    // Either way the request never left: a retry is safe for any method.
+                    let err = if e.is_connect() || never_sent(&e) {
                         ProxyError::Unavailable { target, reason }
                     } else {
                         ProxyError::UpstreamFailed { target, reason }
@@ -283,6 +284,23 @@ fn contains_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether hyper cancelled the request before writing any of it: the connection it was
+/// queued on closed (a peer's reset or GOAWAY). hyper-util's pool resends such a request
+/// itself when the connection was a reused one; this catches the rest.
+fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
+    while let Some(err) = src {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        src = err.source();
+    }
+    false
+}
+
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut src = e.source();
@@ -313,6 +331,26 @@ mod tests {
         assert!(!h.contains_key(header::CONNECTION));
         assert!(h.contains_key("x-end"));
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_on_a_closed_connection_was_never_sent() {
+        let (io, _peer) = tokio::io::duplex(64);
+        let (mut tx, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Empty<bytes::Bytes>,
+        >(TokioIo::new(io))
+        .await
+        .unwrap();
+        // The connection is gone before the request is queued on it.
+        drop(conn);
+        let err = tx
+            .send_request(Request::new(http_body_util::Empty::new()))
+            .await
+            .unwrap_err();
+        assert!(never_sent(&err), "{err}");
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!never_sent(&reset));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod replay;
 pub mod resilience;
 pub mod retry;
 pub mod route;
+pub mod tee;
 pub mod timeout;
 
 use crate::access_log::AccessLogLayer;

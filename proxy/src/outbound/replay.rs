@@ -1,6 +1,8 @@
-//! The request body sent upstream: the caller's body streamed as it arrives, or a small body
-//! held in memory so that a retry can send it again.
+//! The request body sent upstream: the caller's body streamed as it arrives, a small body
+//! held in memory so that a retry can send it again, or a body of unknown length streamed and
+//! kept at once (`tee.rs`).
 
+use crate::outbound::tee::{TeeBody, TeeError};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -8,10 +10,16 @@ use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// A request body on its way upstream. `Replay` holds at most the retry policy's bound.
+/// Why a request body stopped: the caller's body failed, or a retry took it over.
+pub type BodyError = TeeError<hyper::Error>;
+
+/// A request body on its way upstream. `Replay` and `Tee` hold at most the retry policy's
+/// bound.
 #[derive(Debug)]
 pub enum RequestBody {
     Stream(Incoming),
+    /// One attempt of a body streamed and kept for replay at once.
+    Tee(TeeBody<Incoming>),
     /// Cloning the `Bytes` is a reference count, so each attempt sends the same buffer.
     Replay {
         data: Option<Bytes>,
@@ -36,14 +44,15 @@ impl From<Incoming> for RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx).map_err(TeeError::Source),
+            RequestBody::Tee(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Replay { data, trailers } => Poll::Ready(
                 data.take()
                     .map(|d| Ok(Frame::data(d)))
@@ -55,6 +64,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Tee(b) => b.is_end_stream(),
             RequestBody::Replay { data, trailers } => data.is_none() && trailers.is_none(),
         }
     }
@@ -62,6 +72,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Tee(b) => b.size_hint(),
             RequestBody::Replay { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))
             }

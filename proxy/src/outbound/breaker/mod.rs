@@ -114,6 +114,7 @@ where
                 req.extensions_mut().insert(Route {
                     backend: alt,
                     timeout,
+                    retry_non_idempotent: false,
                 });
                 match admit {
                     Some((b, a)) => {

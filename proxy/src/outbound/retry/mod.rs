@@ -1,10 +1,11 @@
 //! Retries: a failed attempt is sent again, after an exponential backoff with full jitter, to
 //! another endpoint when there is one, while the target's budget and the caller's deadline
 //! allow. Only when it is safe: an idempotent method, a service with `non_idempotent = true`,
-//! or a request carrying `x-mesh-retryable: true`; a request that never left (connect
-//! failure) is always safe. The body must be small enough to keep (`max_body_bytes`): larger
-//! or unknown-length bodies stream through once. A retry is decided on the response head,
-//! before anything reaches the caller.
+//! a route rule with `retry_non_idempotent = true`, or a request carrying
+//! `x-mesh-retryable: true`; a request that never left (connect failure) is always safe.
+//! The body must be small enough to keep (`max_body_bytes`): a body of known length is read
+//! whole first; one of unknown length streams to the first attempt at once and is kept on the
+//! side (`tee.rs`) until it outgrows the bound, after which it is not retried. A retry is decided on the response head, before anything reaches the caller.
 
 pub mod budget;
 
@@ -15,10 +16,12 @@ use crate::outbound::classify::StatusSet;
 use crate::outbound::deadline::Deadline;
 use crate::outbound::fallback::ShortCircuit;
 use crate::outbound::replay::RequestBody;
+use crate::outbound::tee::Tee;
 use crate::state::Route;
 use budget::Budget;
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use http::{HeaderName, Method, Request, Response};
+use http::{HeaderMap, HeaderName, Method, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -102,43 +105,56 @@ where
             return Box::pin(self.inner.call(req.map(RequestBody::from)));
         };
         let target = route.map(|r| r.backend.name.clone()).unwrap_or_default();
+        let route_opt_in = route.is_some_and(|r| r.retry_non_idempotent);
         policy.budget.deposit();
         let (mut parts, body) = req.into_parts();
         let opted_in = parts
             .headers
             .remove(RETRYABLE_HEADER)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
-        let safe = idempotent(&parts.method) || policy.params.non_idempotent || opted_in;
+        let safe =
+            idempotent(&parts.method) || policy.params.non_idempotent || route_opt_in || opted_in;
         let max = policy.params.max_body_bytes;
-        let keepable = !parts.headers.contains_key(http::header::UPGRADE)
-            && (body.is_end_stream() || body.size_hint().upper().is_some_and(|u| u <= max));
+        let upper = body.size_hint().upper();
+        let kept = if parts.headers.contains_key(http::header::UPGRADE) {
+            None
+        } else if body.is_end_stream() || upper.is_some_and(|u| u <= max) {
+            Some(false)
+        } else if upper.is_none() {
+            // Unknown length: stream it and keep a copy while it stays under the bound.
+            Some(true)
+        } else {
+            None
+        };
         // The service polled ready is the one to call; the clone waits for the next request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !keepable {
+        let Some(tee) = kept else {
             return Box::pin(inner.call(Request::from_parts(parts, body.into())));
-        }
+        };
         Box::pin(async move {
-            let collected = Limited::new(body, max as usize)
-                .collect()
-                .await
-                .map_err(|e| ProxyError::RequestBody {
-                    target: target.to_string(),
-                    reason: e.to_string(),
-                })?;
-            let trailers = collected.trailers().cloned();
-            let data = collected.to_bytes();
+            let kept = if tee {
+                Kept::Tee(Tee::new(body, max))
+            } else {
+                let collected = Limited::new(body, max as usize)
+                    .collect()
+                    .await
+                    .map_err(|e| ProxyError::RequestBody {
+                        target: target.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                let trailers = collected.trailers().cloned();
+                Kept::Whole(collected.to_bytes(), trailers)
+            };
             parts
                 .extensions
                 .insert(Tried(Arc::new(AtomicUsize::new(usize::MAX))));
             let deadline = parts.extensions.get::<Deadline>().copied();
             let p = policy.params;
             let mut attempt = 1;
-            loop {
-                let mut req = Request::from_parts(
-                    parts.clone(),
-                    RequestBody::replay(data.clone(), trailers.clone()),
-                );
+            let mut body = kept.first();
+            let res = loop {
+                let mut req = Request::from_parts(parts.clone(), body);
                 let res = match p.per_try_timeout {
                     Some(t) => {
                         let until = Instant::now() + t;
@@ -155,26 +171,73 @@ where
                     }
                     None => inner.ready().await?.call(req).await,
                 };
-                if attempt >= p.max_attempts || !should_retry(&res, safe, &p.statuses) {
-                    return res;
+                if attempt >= p.max_attempts
+                    || !should_retry(&res, safe, &p.statuses)
+                    || !kept.replayable()
+                {
+                    break res;
                 }
                 if !policy.budget.withdraw() {
                     ::metrics::counter!(metrics::RETRY_BUDGET_EXHAUSTED, "target" => target.to_string())
                         .increment(1);
-                    return res;
+                    break res;
                 }
                 let backoff = full_jitter(&p, attempt);
                 if deadline.is_some_and(|d| d.remaining() <= backoff) {
-                    return res;
+                    break res;
                 }
+                // Taking the next attempt's body supersedes the failed one's.
+                let Some(next) = kept.next() else { break res };
                 // The failed answer is dropped unread: nothing of it reached the caller.
                 drop(res);
                 ::metrics::counter!(metrics::RETRIES_TOTAL, "target" => target.to_string())
                     .increment(1);
                 tokio::time::sleep(backoff).await;
+                body = next;
                 attempt += 1;
-            }
+            };
+            kept.release();
+            res
         })
+    }
+}
+
+/// A request body kept for replay: whole (known small length, read before the first attempt)
+/// or teed (unknown length, kept while the first attempt streams it).
+enum Kept {
+    Whole(Bytes, Option<HeaderMap>),
+    Tee(Tee<Incoming>),
+}
+
+// === impl Kept ===
+
+impl Kept {
+    fn first(&self) -> RequestBody {
+        match self {
+            Kept::Whole(data, trailers) => RequestBody::replay(data.clone(), trailers.clone()),
+            Kept::Tee(t) => RequestBody::Tee(t.attempt().expect("a fresh tee has a first attempt")),
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            Kept::Whole(..) => true,
+            Kept::Tee(t) => t.replayable(),
+        }
+    }
+
+    fn next(&self) -> Option<RequestBody> {
+        match self {
+            Kept::Whole(..) => Some(self.first()),
+            Kept::Tee(t) => t.attempt().map(RequestBody::Tee),
+        }
+    }
+
+    /// No more attempts: a tee stops keeping its copy for the rest of the stream.
+    fn release(&self) {
+        if let Kept::Tee(t) = self {
+            t.release();
+        }
     }
 }
 
