@@ -16,7 +16,10 @@ fn sidecar_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no sidecar bootstraps in deploy/sidecars");
+    assert!(
+        !files.is_empty(),
+        "no sidecar bootstraps in deploy/sidecars"
+    );
     files
 }
 
@@ -62,7 +65,9 @@ fn compose_mounts_every_bootstrap_and_runs_the_control_they_name() {
         assert!(compose.contains(&ip), "{name}: no service at {ip}");
         assert!(compose.contains(&listen), "{name}: control not on {listen}");
         assert!(
-            control.persist.is_some_and(|p| p.starts_with("/var/lib/mesh")),
+            control
+                .persist
+                .is_some_and(|p| p.starts_with("/var/lib/mesh")),
             "{name}: the persisted snapshot belongs on the state volume"
         );
         if boot.inbound.mode == InboundMode::Ollama {
