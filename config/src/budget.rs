@@ -2,6 +2,7 @@
 //! phase slices and per-agent shares. The control process uses it for sidecar budgets; the
 //! compose limits are meant to use the same function.
 
+use crate::ollama::Rate;
 use crate::snapshot::{check_name, invalid, Invalid, PathSeg};
 use crate::units::ByteSize;
 use crate::Phase;
@@ -72,6 +73,10 @@ pub struct AgentBudget {
     pub cpus: f64,
     pub memory: ByteSize,
     pub concurrency_per_cpu: u32,
+    /// Calls to Ollama per agent: the phase's explicit rate or a share of the gateway's
+    /// capacity by CPU budget (see `OllamaPolicy::size_rates`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ollama_rate: Option<Rate>,
 }
 
 /// The computed budgets, with the oversubscription spelled out rather than hidden.
@@ -299,6 +304,7 @@ impl BudgetModel {
                         cpus: 0.0,
                         memory: ByteSize(0),
                         concurrency_per_cpu: self.host.concurrency_per_cpu,
+                        ollama_rate: None,
                     },
                 };
                 (*phase, b)
@@ -458,6 +464,7 @@ mod tests {
             cpus: 0.5,
             memory: ByteSize::gib(1),
             concurrency_per_cpu: 64,
+            ollama_rate: None,
         };
         assert_eq!(b.inbound_concurrency(), 32);
         assert_eq!(AgentBudget { cpus: 0.001, ..b }.inbound_concurrency(), 1);

@@ -8,8 +8,11 @@
 //! queue_timeout = "60s"
 //! queue = { critical = 64, performance = 64, specialized = 128 }
 //!
-//! # Calls per agent, by the agent's phase. The control process derives these from the phase
-//! # budgets; an operator may also write them by hand.
+//! # Generations Ollama completes per period with `parallel` slots. The control process splits
+//! # it among agents by their CPU budgets (see [`budget_rate`]).
+//! capacity = "60/m"
+//!
+//! # Calls per agent, by the agent's phase: explicit values override the budget-derived rates.
 //! [ollama.rate_limit]
 //! critical = "2/s"
 //! specialized = "10/m"
@@ -20,6 +23,7 @@
 //! timeout = "120s"
 //! ```
 
+use crate::budget::{AgentBudget, BudgetReport};
 use crate::snapshot::{check_name, invalid, Invalid, PathSeg};
 use crate::Phase;
 use serde::{Deserialize, Serialize};
@@ -73,6 +77,10 @@ pub struct GatewayParams {
     pub max_body_bytes: usize,
     #[serde(default)]
     pub breaker: BreakerParams,
+    /// Generations Ollama completes per `per` with `parallel` slots: the rate the control
+    /// process splits among callers by budget.
+    #[serde(default = "default_capacity")]
+    pub capacity: Rate,
 }
 
 /// Queue lengths by phase.
@@ -162,11 +170,25 @@ impl OllamaPolicy {
         self.agents.get(agent).unwrap_or(&self.defaults)
     }
 
-    /// The caller-side rate for `agent` in `phase`: its own, else its phase's.
-    pub fn rate(&self, agent: &str, phase: Phase) -> Option<Rate> {
+    /// The caller-side rate for `agent` in `phase`: its own, else the one its budget carries
+    /// (set by the control process), else its phase's.
+    pub fn rate(&self, agent: &str, phase: Phase, budget: Option<&AgentBudget>) -> Option<Rate> {
         self.limits(agent)
             .rate_limit
+            .or_else(|| budget.and_then(|b| b.ollama_rate))
             .or_else(|| self.rate_limit.get(phase))
+    }
+
+    /// Sets each phase's agent rate in `report`: the phase's explicit `rate_limit`, else the
+    /// gateway's capacity shared by CPU budget ([`budget_rate`]).
+    pub fn size_rates(&self, report: &mut BudgetReport) {
+        let granted: f64 = report.phases.values().map(|b| b.granted_cpus).sum();
+        for (phase, b) in report.phases.iter_mut() {
+            b.agent.ollama_rate = self
+                .rate_limit
+                .get(*phase)
+                .or_else(|| budget_rate(self.gateway.capacity, b.agent.cpus, granted));
+        }
     }
 
     /// Checks values serde accepts but the gateway cannot use. Paths start at `ollama`.
@@ -228,6 +250,26 @@ impl OllamaPolicy {
     }
 }
 
+/// An agent's share of the gateway: `capacity × agent_cpus / granted_cpus`, where
+/// `granted_cpus` is what every phase was granted together. An agent's CPU share is capped by
+/// its phase's per-agent limit and its phase's slice split among its agents, so the rates of
+/// all agents add up to at most `capacity`. Bursts are the calls allowed per `capacity.per`
+/// (at least one); a share under one call per period stretches the period instead.
+pub fn budget_rate(capacity: Rate, agent_cpus: f64, granted_cpus: f64) -> Option<Rate> {
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    if !(positive(agent_cpus) && positive(granted_cpus)) {
+        return None;
+    }
+    let calls = f64::from(capacity.count.get()) * (agent_cpus / granted_cpus).min(1.0);
+    let count = calls.floor().max(1.0);
+    // `count` calls take `count / calls` periods: exact for whole shares, stretched otherwise.
+    let millis = (capacity.per.as_secs_f64() * 1000.0 * count / calls).round();
+    Some(Rate {
+        count: NonZeroU32::new(count as u32)?,
+        per: Duration::from_millis(millis.max(1.0) as u64),
+    })
+}
+
 fn check_limits(l: &AgentLimits, path: impl Fn() -> Vec<PathSeg>) -> Result<(), Invalid> {
     let at = |k| {
         let mut p = path();
@@ -258,6 +300,7 @@ impl Default for GatewayParams {
             timeout: default_generate_timeout(),
             max_body_bytes: default_max_body_bytes(),
             breaker: BreakerParams::default(),
+            capacity: default_capacity(),
         }
     }
 }
@@ -359,6 +402,12 @@ impl fmt::Display for Rate {
     }
 }
 
+fn default_capacity() -> Rate {
+    Rate {
+        count: NonZeroU32::MIN.saturating_add(59),
+        per: Duration::from_secs(60),
+    }
+}
 fn default_service() -> String {
     "ollama".into()
 }
@@ -424,13 +473,86 @@ mod tests {
             },
         );
         assert_eq!(
-            p.rate("quiet", Phase::Specialized).unwrap().to_string(),
+            p.rate("quiet", Phase::Specialized, None)
+                .unwrap()
+                .to_string(),
             "10/m"
         );
         assert_eq!(
-            p.rate("chatty", Phase::Specialized).unwrap().to_string(),
+            p.rate("chatty", Phase::Specialized, None)
+                .unwrap()
+                .to_string(),
             "1/s"
         );
-        assert_eq!(p.rate("quiet", Phase::Critical), None);
+        assert_eq!(p.rate("quiet", Phase::Critical, None), None);
+    }
+
+    #[test]
+    fn budget_rate_shares_capacity_by_cpu() {
+        let cap: Rate = "72/m".parse().unwrap();
+        // 2 of 12 granted CPUs: a sixth of 72 a minute.
+        assert_eq!(budget_rate(cap, 2.0, 12.0).unwrap().to_string(), "12/m");
+        assert_eq!(budget_rate(cap, 0.5, 12.0).unwrap().to_string(), "3/m");
+        // 0.1 of 12 CPUs is 0.6 calls a minute: one call every 100 s.
+        let thin = budget_rate(cap, 0.1, 12.0).unwrap();
+        assert_eq!((thin.count.get(), thin.per), (1, Duration::from_secs(100)));
+        // 2.5 calls a minute: bursts of 2, refilled at the exact rate.
+        let odd = budget_rate("30/m".parse().unwrap(), 1.0, 12.0).unwrap();
+        assert_eq!((odd.count.get(), odd.per), (2, Duration::from_secs(48)));
+        // A share cannot exceed the whole gateway; no budget means no derived rate.
+        assert_eq!(budget_rate(cap, 24.0, 12.0), Some(cap));
+        assert_eq!(budget_rate(cap, 0.0, 12.0), None);
+        assert_eq!(budget_rate(cap, 1.0, 0.0), None);
+    }
+
+    #[test]
+    fn explicit_rates_override_budget_rates() {
+        use crate::budget::{BudgetModel, PhaseLimits};
+        use crate::units::ByteSize;
+        let phase = |cpus, acpu| PhaseLimits {
+            cpus,
+            memory: ByteSize::gib(8),
+            agent_cpus: acpu,
+            agent_memory: ByteSize::gib(1),
+        };
+        let model = BudgetModel {
+            phases: [
+                (Phase::Critical, phase(8.0, 2.0)),
+                (Phase::Performance, phase(6.0, 1.0)),
+                (Phase::Specialized, phase(4.0, 0.5)),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let mut report = model.compute(12.0, ByteSize::gib(64), |_| 1);
+        let mut p = OllamaPolicy::default();
+        p.gateway.capacity = "72/m".parse().unwrap();
+        p.rate_limit.performance = Some("1/s".parse().unwrap());
+        p.agents.insert(
+            "chatty".into(),
+            AgentLimits {
+                rate_limit: Some("1/h".parse().unwrap()),
+                ..Default::default()
+            },
+        );
+        p.size_rates(&mut report);
+        let rate = |phase| {
+            report
+                .agent(phase)
+                .unwrap()
+                .ollama_rate
+                .unwrap()
+                .to_string()
+        };
+        // Derived from budgets: 2 and 0.5 of the 12 CPUs granted.
+        assert_eq!(rate(Phase::Critical), "12/m");
+        assert_eq!(rate(Phase::Specialized), "3/m");
+        // The phase's explicit rate wins over the derived one.
+        assert_eq!(rate(Phase::Performance), "1/s");
+        // At the sidecar the agent's own rate wins over what its budget carries.
+        let spec = report.agent(Phase::Specialized);
+        let at_sidecar = |agent| p.rate(agent, Phase::Specialized, spec.as_ref()).unwrap();
+        assert_eq!(at_sidecar("quiet").to_string(), "3/m");
+        assert_eq!(at_sidecar("chatty").to_string(), "1/h");
     }
 }

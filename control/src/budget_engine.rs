@@ -1,5 +1,6 @@
 //! Budgets for the current policy and catalog: the host (as configured or read from the
-//! machine), minus reserved pools, split among phases and agents; exported as metrics.
+//! machine), minus reserved pools, split among phases and agents, with each agent's Ollama
+//! rate; exported as metrics, and the oversubscription logged when the budgets change.
 
 use mesh_config::budget::HostModel;
 use mesh_config::units::ByteSize;
@@ -22,20 +23,29 @@ fn mem_total() -> Option<ByteSize> {
     Some(ByteSize(kib * 1024))
 }
 
-/// `None` when the policy models no phases.
+/// `None` when the policy models no phases. Pure: [`publish`] exports the result.
 pub fn compute(policy: &Policy, catalog: &Catalog) -> Option<BudgetReport> {
     if policy.budget.phases.is_empty() {
         return None;
     }
     let (cpus, memory) = host(&policy.budget.host);
-    let report = policy
+    let mut report = policy
         .budget
         .compute(cpus, memory, |phase| catalog.agents_in(phase));
-    export(&report);
+    policy.ollama.size_rates(&mut report);
     Some(report)
 }
 
-fn export(r: &BudgetReport) {
+/// Exports `new` when it differs from `prev`, warning once per change while the phases are
+/// oversubscribed (not on every rebuild); says whether it warned.
+pub fn publish(prev: Option<&BudgetReport>, new: Option<&BudgetReport>) -> bool {
+    match new {
+        Some(r) if prev != Some(r) => export(r),
+        _ => false,
+    }
+}
+
+fn export(r: &BudgetReport) -> bool {
     use crate::metrics::*;
     for (phase, b) in &r.phases {
         let p = phase.as_str();
@@ -47,6 +57,14 @@ fn export(r: &BudgetReport) {
             metrics::gauge!(BUDGET_CPUS, "phase" => p, "kind" => kind).set(cpus);
             metrics::gauge!(BUDGET_MEMORY, "phase" => p, "kind" => kind).set(mem.0 as f64);
         }
+    }
+    for (phase, b) in &r.phases {
+        // Calls per second; 0 when the phase's agents are not limited.
+        let rate = b
+            .agent
+            .ollama_rate
+            .map_or(0.0, |r| f64::from(r.count.get()) / r.per.as_secs_f64());
+        metrics::gauge!(BUDGET_OLLAMA_RATE, "phase" => phase.as_str()).set(rate);
     }
     metrics::gauge!(BUDGET_SCALE, "resource" => "cpu").set(r.cpu_scale);
     metrics::gauge!(BUDGET_SCALE, "resource" => "memory").set(r.memory_scale);
@@ -62,4 +80,5 @@ fn export(r: &BudgetReport) {
             "phases ask for more than the host has; slices scaled down proportionally"
         );
     }
+    r.oversubscribed
 }

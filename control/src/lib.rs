@@ -1,6 +1,7 @@
 //! The mesh control process. Read it in data order: `consul::watch` or `catalog_file` (the
 //! catalog) and `policy_watch` (the policy) -> `budget_engine` -> `snapshots` (versioned
-//! per-phase views) -> `push` (long-poll to sidecars) and `status`. `app` wires it all.
+//! per-phase views) -> `push` (long-poll to sidecars) and `status`. `app` wires it all;
+//! `compliance` checks a running mesh from the outside.
 //!
 //! The process is stateless: everything it serves derives from the catalog source and the
 //! policy files, so instances can run side by side and a restart loses nothing.
@@ -8,6 +9,7 @@
 pub mod app;
 pub mod budget_engine;
 pub mod catalog_file;
+pub mod compliance;
 pub mod consul;
 pub mod metrics;
 pub mod policy_watch;

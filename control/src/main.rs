@@ -1,5 +1,5 @@
-//! `mesh-control [run] [options]` and `mesh-control validate DIR`: parse arguments, build the
-//! runtime, handle signals.
+//! `mesh-control [run] [options]`, `mesh-control validate DIR` and `mesh-control compliance`:
+//! parse arguments, build the runtime, handle signals.
 
 use mesh_control::consul::watch::Params;
 use mesh_control::{Config, Source};
@@ -13,12 +13,17 @@ const USAGE: &str = "usage:
       Serves snapshots to sidecars. Defaults: --listen 127.0.0.1:15100, --policy config/mesh,
       --catalog config/local/catalog.toml, --poll 1s.
   mesh-control validate DIR
-      Checks the policy files in DIR; prints every error as file:line: reason; exits 1 on error.";
+      Checks the policy files in DIR; prints every error as file:line: reason; exits 1 on error.
+  mesh-control compliance [--status-url URL] [--timeout DURATION]
+      Checks a running mesh (Rules 17, 27, 30): the control process's /status, and every
+      sidecar it lists (admin /health and /metrics, snapshot version); prints a table; exits 1
+      when a check fails. Defaults: --status-url http://127.0.0.1:15100/status, --timeout 5s.";
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("validate") => return validate(&args[1..]),
+        Some("compliance") => return compliance(&args[1..]),
         Some("run") => {
             args.remove(0);
         }
@@ -97,6 +102,46 @@ fn validate(args: &[String]) -> ExitCode {
             }
             ExitCode::from(1)
         }
+    }
+}
+
+fn compliance(args: &[String]) -> ExitCode {
+    let mut url = "http://127.0.0.1:15100/status".to_owned();
+    let mut timeout = Duration::from_secs(5);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let value = args.next();
+        match (arg.as_str(), value) {
+            ("--status-url", Some(v)) => url = v.clone(),
+            ("--timeout", Some(v)) => match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => timeout = d,
+                _ => {
+                    eprintln!("mesh-control: --timeout: {v:?} is not a duration\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            (other, _) => {
+                eprintln!("mesh-control: compliance: unexpected {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh-control: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = rt.block_on(mesh_control::compliance::run(&url, timeout));
+    println!("{report}");
+    if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

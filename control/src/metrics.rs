@@ -18,6 +18,7 @@ pub const BUDGET_CPUS: &str = "mesh_control_budget_cpus";
 pub const BUDGET_MEMORY: &str = "mesh_control_budget_memory_bytes";
 pub const BUDGET_SCALE: &str = "mesh_control_budget_scale";
 pub const BUDGET_OVERSUBSCRIBED: &str = "mesh_control_budget_oversubscribed";
+pub const BUDGET_OLLAMA_RATE: &str = "mesh_control_budget_ollama_rate";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -66,6 +67,10 @@ fn describe() {
     describe_gauge!(
         BUDGET_SCALE,
         "Factor applied to phase requests, by resource (1 = fits)."
+    );
+    describe_gauge!(
+        BUDGET_OLLAMA_RATE,
+        "Ollama calls per second each agent of a phase may make (0 = not limited)."
     );
     describe_gauge!(
         BUDGET_OVERSUBSCRIBED,

@@ -1,11 +1,12 @@
 //! The control process's HTTP API: snapshot long-poll, sidecar reports, status, metrics.
 //!
-//! `GET /v1/snapshot?agent=A&phase=P&version=N[&wait=30s]` answers at once with the current
-//! generation when its version differs from N, else waits up to `wait` for a new one and
-//! answers `304` when none came. `POST /v1/ack` takes `{"agent", "version", "rejected"?}`.
+//! `GET /v1/snapshot?agent=A&phase=P&version=N[&wait=30s][&admin=IP:PORT&mode=app|ollama]`
+//! answers at once with the current generation when its version differs from N, else waits up
+//! to `wait` for a new one and answers `304` when none came. `admin` and `mode` say where the
+//! sidecar's admin listener is and what it fronts, for `/status` and the compliance check. `POST /v1/ack` takes `{"agent", "version", "rejected"?}`.
 
 use crate::snapshots::Generation;
-use crate::status::{Ack, Sidecars, Status};
+use crate::status::{Ack, SidecarMode, Sidecars, Status};
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -15,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use mesh_config::Phase;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -38,6 +40,8 @@ struct Poll {
     phase: Option<Phase>,
     version: u64,
     wait: Duration,
+    admin: Option<SocketAddr>,
+    mode: Option<SidecarMode>,
 }
 
 // === impl Push ===
@@ -47,10 +51,10 @@ impl Push {
         let push = Arc::new(self);
         let mut accept_stop = stop.clone();
         loop {
-            let stream = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = crate::stopped(&mut accept_stop) => return,
                 res = listener.accept() => match res {
-                    Ok((stream, _)) => stream,
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of descriptors, most likely: let connections close before retrying.
                         tracing::warn!(error = %e, "accept failed");
@@ -65,7 +69,7 @@ impl Push {
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
                     let push = push.clone();
-                    async move { Ok::<_, Infallible>(push.handle(req).await) }
+                    async move { Ok::<_, Infallible>(push.handle(req, peer).await) }
                 });
                 let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
                 // A stopped control process closes every connection, long-polls included.
@@ -79,10 +83,16 @@ impl Push {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/v1/snapshot") => match parse_poll(req.uri().query().unwrap_or("")) {
-                Ok(poll) => self.snapshot(poll).await,
+                Ok(mut poll) => {
+                    // A sidecar bound to 0.0.0.0 is reached at the address it polls from.
+                    if let Some(admin) = poll.admin.as_mut().filter(|a| a.ip().is_unspecified()) {
+                        admin.set_ip(peer.ip());
+                    }
+                    self.snapshot(poll).await
+                }
                 Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
             },
             (&Method::POST, "/v1/ack") => self.ack(req).await,
@@ -104,7 +114,8 @@ impl Push {
     }
 
     async fn snapshot(&self, poll: Poll) -> Response<Full<Bytes>> {
-        self.sidecars.contact(&poll.agent, poll.phase, poll.version);
+        self.sidecars
+            .contact(&poll.agent, poll.phase, poll.version, poll.admin, poll.mode);
         let mut rx = self.generations.clone();
         let current = rx.borrow_and_update().clone();
         // Version 0 is "not synced": never served, so a sidecar keeps what it has.
@@ -181,6 +192,8 @@ fn parse_poll(query: &str) -> Result<Poll, String> {
         phase: None,
         version: 0,
         wait: DEFAULT_WAIT,
+        admin: None,
+        mode: None,
     };
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -203,6 +216,19 @@ fn parse_poll(query: &str) -> Result<Poll, String> {
                 poll.wait = humantime::parse_duration(v)
                     .map_err(|_| format!("wait {v:?} is not a duration (e.g. 30s)"))?
                     .min(MAX_WAIT)
+            }
+            "admin" => {
+                poll.admin = Some(
+                    v.parse()
+                        .map_err(|_| format!("admin {v:?} is not ip:port"))?,
+                )
+            }
+            "mode" => {
+                poll.mode = Some(match v {
+                    "app" => SidecarMode::App,
+                    "ollama" => SidecarMode::Ollama,
+                    _ => return Err(format!("mode {v:?} is not app or ollama")),
+                })
             }
             _ => return Err(format!("unknown parameter {k:?}")),
         }
@@ -246,5 +272,10 @@ mod tests {
         assert!(parse_poll("version=1").is_err());
         assert!(parse_poll("agent=a&bogus=1").is_err());
         assert_eq!(parse_poll("agent=a&wait=1h").unwrap().wait, MAX_WAIT);
+        let p = parse_poll("agent=a&admin=0.0.0.0:15090&mode=ollama").unwrap();
+        assert_eq!(p.admin, Some("0.0.0.0:15090".parse().unwrap()));
+        assert_eq!(p.mode, Some(SidecarMode::Ollama));
+        assert!(parse_poll("agent=a&admin=host").is_err());
+        assert!(parse_poll("agent=a&mode=proxy").is_err());
     }
 }

@@ -117,6 +117,7 @@ impl Snapshots {
             routes = gen.snapshot.routes.len(),
             "snapshot built"
         );
+        crate::budget_engine::publish(prev.budget.as_ref(), gen.budget.as_ref());
         ::metrics::gauge!(crate::metrics::SNAPSHOT_VERSION).set(version as f64);
         ::metrics::gauge!(crate::metrics::CATALOG_SERVICES).set(catalog.services.len() as f64);
         self.out.send_replace(Arc::new(gen));
@@ -147,6 +148,80 @@ mod tests {
         assert!(bare.budget.is_none());
         // The same inputs make the same content under another version.
         assert!(Generation::build(&catalog, &policy, 9).same_as(&gen));
+    }
+
+    /// A `tracing` writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn count(&self, needle: &str) -> usize {
+            String::from_utf8_lossy(&self.0.lock().unwrap())
+                .matches(needle)
+                .count()
+        }
+    }
+
+    #[test]
+    fn oversubscription_is_logged_when_the_budgets_change_not_on_every_rebuild() {
+        let policy = mesh_config::policy::load_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/mesh"),
+        )
+        .unwrap();
+        let svc = |name: &str, phase, port| CatalogService {
+            name: name.into(),
+            phase,
+            endpoints: vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))],
+        };
+        let (catalog_tx, catalog) =
+            watch::channel(Arc::new(Catalog::new(vec![svc("a", Phase::Critical, 1)])));
+        let (policy_tx, policy) = watch::channel(Arc::new(policy));
+        let (out, gens) = watch::channel(Arc::new(Generation::default()));
+        let mut builder = Snapshots {
+            catalog,
+            policy,
+            out,
+            synced: true,
+        };
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let warning = "phases ask for more than the host has";
+        tracing::subscriber::with_default(subscriber, || {
+            // The shipped phases ask 18 CPUs of 12: the first build warns.
+            builder.rebuild();
+            assert_eq!(log.count(warning), 1);
+            // A new endpoint makes a new version with the same budgets: no second warning.
+            let v1 = gens.borrow().version;
+            catalog_tx.send_replace(Arc::new(Catalog::new(vec![svc("a", Phase::Critical, 2)])));
+            builder.rebuild();
+            assert_ne!(gens.borrow().version, v1);
+            assert_eq!(log.count(warning), 1);
+            // Neither does a rebuild with nothing new, nor a policy resend.
+            policy_tx.send_modify(|_| {});
+            builder.rebuild();
+            assert_eq!(log.count(warning), 1);
+            // A second critical agent changes the phase budget (its agent count): it warns again.
+            catalog_tx.send_replace(Arc::new(Catalog::new(vec![
+                svc("a", Phase::Critical, 2),
+                svc("b", Phase::Critical, 3),
+            ])));
+            builder.rebuild();
+            assert_eq!(log.count(warning), 2);
+        });
     }
 
     #[test]

@@ -7,6 +7,7 @@ use mesh_config::Phase;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -54,9 +55,20 @@ pub struct Ack {
     pub rejected: Option<String>,
 }
 
+/// What a sidecar fronts: its agent's app, or Ollama (the gateway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SidecarMode {
+    App,
+    Ollama,
+}
+
 #[derive(Debug)]
 struct Sidecar {
     phase: Option<Phase>,
+    /// Its admin listener (`/health`, `/metrics`), as it reported it.
+    admin: Option<SocketAddr>,
+    mode: Option<SidecarMode>,
     applied: u64,
     rejected: Option<(u64, String)>,
     last_contact: Instant,
@@ -88,6 +100,8 @@ impl Sidecars {
             Some(e) => e,
             None => map.entry(agent.into()).or_insert(Sidecar {
                 phase: None,
+                admin: None,
+                mode: None,
                 applied: 0,
                 rejected: None,
                 last_contact: Instant::now(),
@@ -97,10 +111,19 @@ impl Sidecars {
     }
 
     /// A long-poll arrived; `version` is what the sidecar has in force.
-    pub fn contact(&self, agent: &str, phase: Option<Phase>, version: u64) {
+    pub fn contact(
+        &self,
+        agent: &str,
+        phase: Option<Phase>,
+        version: u64,
+        admin: Option<SocketAddr>,
+        mode: Option<SidecarMode>,
+    ) {
         self.with(agent, |s| {
             s.last_contact = Instant::now();
             s.phase = phase.or(s.phase);
+            s.admin = admin.or(s.admin);
+            s.mode = mode.or(s.mode);
             if version > 0 {
                 s.applied = version;
             }
@@ -148,6 +171,8 @@ impl Sidecars {
                 json!({
                     "agent": &**agent,
                     "phase": s.phase,
+                    "admin": s.admin.map(|a| a.to_string()),
+                    "mode": s.mode,
                     "version": s.applied,
                     "ack": ack,
                     "reason": reason,

@@ -1,7 +1,7 @@
 //! Wires a sidecar together: state, listeners, stacks, admin and background tasks.
 
 use crate::admin::Admin;
-use crate::bootstrap::Bootstrap;
+use crate::bootstrap::{Bootstrap, InboundMode};
 use crate::drain::Drain;
 use crate::health::{AppProbe, Health};
 use crate::outbound::pool::Pools;
@@ -129,7 +129,8 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             &boot.agent,
             boot.phase,
             state.clone(),
-        );
+        )
+        .with_admin(addrs.admin, boot.inbound.mode == InboundMode::Ollama);
         tokio::spawn(client.run(stopped.clone()));
     } else if let Some(path) = &boot.snapshot.file {
         let source = SnapshotFile {

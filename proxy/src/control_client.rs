@@ -55,6 +55,9 @@ pub struct ControlClient {
     /// The highest version received, applied or rejected: the next poll waits for a newer one
     /// instead of fetching a rejected version again.
     seen: u64,
+    /// `&admin=..&mode=..` for each poll: where control (and the compliance check) finds this
+    /// sidecar's `/health` and `/metrics`, and whether it is the Ollama gateway.
+    report: String,
 }
 
 /// Reads a persisted snapshot; a missing or unreadable file is `None` (and logged).
@@ -107,7 +110,15 @@ impl ControlClient {
             state,
             http,
             seen,
+            report: String::new(),
         }
+    }
+
+    /// Reports the admin listener and what the sidecar fronts with every poll.
+    pub fn with_admin(mut self, admin: std::net::SocketAddr, ollama_gateway: bool) -> Self {
+        let mode = if ollama_gateway { "ollama" } else { "app" };
+        self.report = format!("&admin={admin}&mode={mode}");
+        self
     }
 
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
@@ -146,11 +157,12 @@ impl ControlClient {
 
     async fn poll_once(&mut self) -> Result<(), ControlError> {
         let pq = format!(
-            "/v1/snapshot?agent={}&phase={}&version={}&wait={}ms",
+            "/v1/snapshot?agent={}&phase={}&version={}&wait={}ms{}",
             self.agent,
             self.phase,
             self.seen,
-            self.cfg.wait.as_millis()
+            self.cfg.wait.as_millis(),
+            self.report,
         );
         let limit = self.cfg.wait + self.cfg.wait / 16 + Duration::from_secs(5);
         let (status, body) = self.call(Method::GET, &pq, Bytes::new(), limit).await?;

@@ -1,5 +1,6 @@
 //! The caller-side rate limit on Ollama calls: a token bucket per agent (`governor`), sized by
-//! the snapshot's rate for this agent (its own, else its phase's). Over the limit, the call is
+//! the snapshot's rate for this agent: its own, else the one its budget carries (derived by the
+//! control process from the phase budget), else its phase's. Over the limit, the call is
 //! answered 429 with `Retry-After` here and never leaves the host. Listing endpoints
 //! (`/api/tags`, `/api/version`, `/api/ps`) are not counted.
 
@@ -109,7 +110,8 @@ impl Shared {
         if *route.backend.name != *policy.service || Api::of(req.uri().path()) == Api::Bypass {
             return Ok(());
         }
-        let Some(rate) = policy.rate(&self.agent, self.phase) else {
+        let Some(rate) = policy.rate(&self.agent, self.phase, table.snapshot.budget.as_ref())
+        else {
             return Ok(());
         };
         let bucket = match self.bucket.load_full() {
