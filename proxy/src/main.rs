@@ -45,10 +45,18 @@ fn main() -> ExitCode {
     };
     let _log = mesh_proxy::log::init(&boot.log.level);
 
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if boot.runtime.worker_threads > 0 {
-        rt.worker_threads(boot.runtime.worker_threads);
-    }
+    // One worker: a single-threaded scheduler on the main thread, with no work-stealing
+    // bookkeeping and no cross-thread wakeups; a sidecar given one core spends it on requests.
+    let mut rt = match boot.runtime.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                rt.worker_threads(n);
+            }
+            rt
+        }
+    };
     let rt = match rt
         .enable_all()
         .thread_name("mesh-proxy")
