@@ -231,6 +231,25 @@ impl TargetMetrics {
     pub fn inflight(&self) -> &Gauge {
         &self.inflight
     }
+
+    /// Registers the series a no-route answer would land in, at zero, so a sidecar exports the
+    /// request, duration and error metrics (Rule 27) before its first failure.
+    pub fn prime_no_route(&self) {
+        let Some(i) = COMMON_STATUS.iter().position(|&c| c == 503) else {
+            return;
+        };
+        self.status[i].get_or_init(|| {
+            let labels = self.with("status", status_str(503));
+            (
+                metrics::counter!(REQUESTS_TOTAL, labels.clone()),
+                metrics::histogram!(REQUEST_DURATION, labels),
+            )
+        });
+        if let Some(i) = ERROR_KINDS.iter().position(|&k| k == "no_route") {
+            self.errors[i]
+                .get_or_init(|| metrics::counter!(ERRORS_TOTAL, self.with("kind", "no_route")));
+        }
+    }
 }
 
 fn status_str(code: u16) -> &'static str {

@@ -202,7 +202,11 @@ impl Compiler {
                 .into_iter()
                 .map(|(k, v)| (k, v.into_boxed_slice()))
                 .collect(),
-            unrouted: TargetMetrics::new("outbound", &self.agent, phase, ""),
+            unrouted: {
+                let m = TargetMetrics::new("outbound", &self.agent, phase, "");
+                m.prime_no_route();
+                m
+            },
         }
     }
 }
