@@ -76,6 +76,12 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         None => None,
     };
     let admin_l = bind("admin", boot.listen.admin).await?;
+    if let Some(port) = boot.listen.inbound.map(|a| a.port()) {
+        // Agents' mesh ports are 10000-10599 by platform rule; 0 lets the OS pick (tests).
+        if port != 0 && !(10000..=10599).contains(&port) {
+            tracing::warn!(port, "inbound port is outside the agents' range 10000-10599");
+        }
+    }
     let addrs = BoundAddrs {
         outbound: local_addr(&outbound_l),
         inbound: inbound_l.as_ref().map(local_addr),
