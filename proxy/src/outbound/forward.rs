@@ -123,8 +123,14 @@ where
         if let Err(e) = rewrite(&mut req, &endpoint.authority, protocol, upgrade.is_some()) {
             return Box::pin(async move { Err(e) });
         }
-        let inflight = InFlight::start(endpoint);
-        let sent = self.pools.client(protocol).request(req);
+        let inflight = InFlight::start(endpoint.clone());
+        let pools = *self.pools;
+        let sent = async move {
+            match protocol {
+                Protocol::Http1 => pools.send_http1(endpoint, req).await,
+                Protocol::Http2 => Ok((pools.send_http2(endpoint, req).await?, None)),
+            }
+        };
         let failures = backend.resilience.failures;
         let mut attempt = Attempt {
             backend,
@@ -133,8 +139,8 @@ where
             done: false,
         };
         Box::pin(async move {
-            let mut rsp = match sent.await {
-                Ok(rsp) => {
+            let (mut rsp, conn) = match sent.await {
+                Ok((rsp, conn)) => {
                     inflight.responded();
                     let class = if failures.contains(rsp.status().as_u16()) {
                         Class::Failure
@@ -142,7 +148,7 @@ where
                         Class::Success
                     };
                     attempt.finish(class);
-                    rsp
+                    (rsp, conn)
                 }
                 Err(e) => {
                     inflight.failed();
@@ -164,10 +170,20 @@ where
                 Some(downstream) if rsp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     let upstream = hyper::upgrade::on(&mut rsp);
                     tokio::spawn(tunnel(downstream, upstream));
+                    if let Some(conn) = conn {
+                        conn.upgraded();
+                    }
+                    Ok(rsp.map(ProxyBody::upstream))
                 }
-                _ => strip_hop_by_hop(rsp.headers_mut(), false),
+                _ => {
+                    strip_hop_by_hop(rsp.headers_mut(), false);
+                    let mut rsp = rsp.map(ProxyBody::upstream);
+                    if let Some(conn) = conn {
+                        rsp.body_mut().return_conn(conn);
+                    }
+                    Ok(rsp)
+                }
             }
-            Ok(rsp.map(ProxyBody::upstream))
         })
     }
 }
@@ -323,8 +339,8 @@ fn contains_token(value: &HeaderValue, token: &str) -> bool {
 }
 
 /// Whether hyper cancelled the request before writing any of it: the connection it was
-/// queued on closed (a peer's reset or GOAWAY). hyper-util's pool resends such a request
-/// itself when the connection was a reused one; this catches the rest.
+/// queued on closed (a peer's reset or GOAWAY). The pool resends such a request on a fresh
+/// connection itself when it came from a reused one; this catches the rest.
 fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut src = Some(e);
     while let Some(err) = src {
