@@ -223,13 +223,20 @@ pub(crate) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Appends `n` in decimal, left-padded with zeros to `width` digits.
-pub(crate) fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let start = out.len();
-    push_u64(out, n);
-    let len = out.len() - start;
-    if len < width {
-        out.splice(start..start, std::iter::repeat_n(b'0', width - len));
+pub(crate) fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    // Digits fill a zeroed buffer from the right; the padding is what is left of it (a
+    // splice into `out` costs more than the formatting itself).
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
+    out.extend_from_slice(&buf[i.min(buf.len().saturating_sub(width))..]);
 }
 
 /// Appends `t` as RFC 3339 UTC with microseconds, e.g. `2026-11-25T13:44:46.185325Z`.
