@@ -21,6 +21,8 @@ pub struct ProxyBody {
     permit: Option<OwnedSemaphorePermit>,
     record: Option<AccessRecord>,
     on_end: Option<OnEnd>,
+    /// The upstream connection, returned to its pool when the body ends.
+    conn: Option<crate::outbound::pool::Checkin>,
 }
 
 /// Runs once when the body ends: with `None` when it ended cleanly, else the error kind
@@ -69,7 +71,13 @@ impl ProxyBody {
             permit: None,
             record: None,
             on_end: None,
+            conn: None,
         }
+    }
+
+    /// Returns the upstream connection to its pool when the body ends (or is dropped).
+    pub fn return_conn(&mut self, conn: crate::outbound::pool::Checkin) {
+        self.conn = Some(conn);
     }
 
     /// Holds a concurrency permit until the body ends or is dropped.
@@ -100,6 +108,7 @@ impl ProxyBody {
 
     fn end(&mut self, error: Option<&'static str>) {
         self.permit = None;
+        self.conn = None;
         if let Some(OnEnd(f)) = self.on_end.take() {
             // A body that was complete before anyone polled it was not cut short.
             f(error.filter(|_| !self.inner_is_end()));

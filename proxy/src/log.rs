@@ -4,7 +4,7 @@
 //! proxy pays one channel send per few dozen lines. Access lines skip `tracing`'s formatter:
 //! they are one per request, so they are written by hand.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -223,19 +223,53 @@ pub(crate) fn push_u64(out: &mut Vec<u8>, mut n: u64) {
 }
 
 /// Appends `n` in decimal, left-padded with zeros to `width` digits.
-pub(crate) fn push_padded(out: &mut Vec<u8>, n: u64, width: usize) {
-    let start = out.len();
-    push_u64(out, n);
-    let len = out.len() - start;
-    if len < width {
-        out.splice(start..start, std::iter::repeat_n(b'0', width - len));
+pub(crate) fn push_padded(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    // Digits fill a zeroed buffer from the right; the padding is what is left of it (a
+    // splice into `out` costs more than the formatting itself).
+    let mut buf = [b'0'; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
     }
+    out.extend_from_slice(&buf[i.min(buf.len().saturating_sub(width))..]);
 }
 
 /// Appends `t` as RFC 3339 UTC with microseconds, e.g. `2026-11-25T13:44:46.185325Z`.
 pub(crate) fn rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
+    thread_local! {
+        /// The last second formatted on this thread and its `YYYY-MM-DDTHH:MM:SS`: the lines
+        /// of one second share it.
+        static SECOND: Cell<(u64, [u8; 32], usize)> = const { Cell::new((0, [0; 32], 0)) };
+    }
     let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs();
+    SECOND.with(|second| {
+        let (cached, text, len) = second.get();
+        if cached == secs && len > 0 {
+            out.extend_from_slice(&text[..len]);
+            return;
+        }
+        let start = out.len();
+        push_date_time(out, secs);
+        let written = &out[start..];
+        if written.len() <= 32 {
+            let mut text = [0u8; 32];
+            text[..written.len()].copy_from_slice(written);
+            second.set((secs, text, written.len()));
+        }
+    });
+    out.push(b'.');
+    push_padded(out, u64::from(since.subsec_micros()), 6);
+    out.push(b'Z');
+}
+
+/// Appends `YYYY-MM-DDTHH:MM:SS` (UTC) for `secs` since the Unix epoch.
+fn push_date_time(out: &mut Vec<u8>, secs: u64) {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -258,9 +292,6 @@ pub(crate) fn rfc3339_micros(out: &mut Vec<u8>, t: std::time::SystemTime) {
     push_padded(out, rem % 3600 / 60, 2);
     out.push(b':');
     push_padded(out, rem % 60, 2);
-    out.push(b'.');
-    push_padded(out, u64::from(since.subsec_micros()), 6);
-    out.push(b'Z');
 }
 
 #[cfg(test)]
@@ -277,11 +308,14 @@ mod tests {
             1_795_000_123,
             4_102_444_799,
         ] {
-            let t = UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + 123_456);
-            let mut out = Vec::new();
-            rfc3339_micros(&mut out, t);
-            let want = humantime::format_rfc3339_micros(t).to_string();
-            assert_eq!(String::from_utf8(out).unwrap(), want);
+            // The second line of a second reuses the first one's date and time.
+            for micros in [123_456, 7] {
+                let t = UNIX_EPOCH + Duration::from_micros(secs * 1_000_000 + micros);
+                let mut out = Vec::new();
+                rfc3339_micros(&mut out, t);
+                let want = humantime::format_rfc3339_micros(t).to_string();
+                assert_eq!(String::from_utf8(out).unwrap(), want);
+            }
         }
     }
 

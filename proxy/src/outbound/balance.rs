@@ -30,6 +30,8 @@ pub struct Endpoint {
     pub health: eject::Health,
     /// This endpoint's own circuit breaker (outbound targets only).
     pub breaker: Option<Breaker>,
+    /// Idle and shared connections to this address.
+    pub conns: crate::outbound::pool::Conns,
 }
 
 /// The endpoints of one backend.
@@ -75,6 +77,7 @@ impl Endpoint {
         Self {
             health: eject::Health::default(),
             breaker,
+            conns: Default::default(),
             addr,
             authority: Authority::try_from(addr.to_string().as_str())
                 .expect("a socket address is a valid authority"),

@@ -29,8 +29,28 @@ impl Deadline {
     /// read as "no budget" and a timeout is imminent anyway).
     pub fn propagate(&self, headers: &mut http::HeaderMap) {
         let ms = self.remaining().as_millis().max(1) as u64;
-        headers.insert(TIMEOUT_HEADER, HeaderValue::from(ms));
+        headers.insert(TIMEOUT_HEADER, header_value(ms));
     }
+}
+
+thread_local! {
+    /// The last value written on this thread: requests of one route mostly leave with the same
+    /// budget, and a cached value is a reference count instead of an allocation.
+    static LAST: std::cell::RefCell<Option<(u64, HeaderValue)>> = const { std::cell::RefCell::new(None) };
+}
+
+fn header_value(ms: u64) -> HeaderValue {
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((cached, v)) if *cached == ms => v.clone(),
+            _ => {
+                let v = HeaderValue::from(ms);
+                *last = Some((ms, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 /// The budget a caller asked for, if its header is well formed.

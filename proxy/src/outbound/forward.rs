@@ -123,8 +123,14 @@ where
         if let Err(e) = rewrite(&mut req, &endpoint.authority, protocol, upgrade.is_some()) {
             return Box::pin(async move { Err(e) });
         }
-        let inflight = InFlight::start(endpoint);
-        let sent = self.pools.client(protocol).request(req);
+        let inflight = InFlight::start(endpoint.clone());
+        let pools = *self.pools;
+        let sent = async move {
+            match protocol {
+                Protocol::Http1 => pools.send_http1(endpoint, req).await,
+                Protocol::Http2 => Ok((pools.send_http2(endpoint, req).await?, None)),
+            }
+        };
         let failures = backend.resilience.failures;
         let mut attempt = Attempt {
             backend,
@@ -133,8 +139,8 @@ where
             done: false,
         };
         Box::pin(async move {
-            let mut rsp = match sent.await {
-                Ok(rsp) => {
+            let (mut rsp, conn) = match sent.await {
+                Ok((rsp, conn)) => {
                     inflight.responded();
                     let class = if failures.contains(rsp.status().as_u16()) {
                         Class::Failure
@@ -142,7 +148,7 @@ where
                         Class::Success
                     };
                     attempt.finish(class);
-                    rsp
+                    (rsp, conn)
                 }
                 Err(e) => {
                     inflight.failed();
@@ -164,10 +170,20 @@ where
                 Some(downstream) if rsp.status() == StatusCode::SWITCHING_PROTOCOLS => {
                     let upstream = hyper::upgrade::on(&mut rsp);
                     tokio::spawn(tunnel(downstream, upstream));
+                    if let Some(conn) = conn {
+                        conn.upgraded();
+                    }
+                    Ok(rsp.map(ProxyBody::upstream))
                 }
-                _ => strip_hop_by_hop(rsp.headers_mut(), false),
+                _ => {
+                    strip_hop_by_hop(rsp.headers_mut(), false);
+                    let mut rsp = rsp.map(ProxyBody::upstream);
+                    if let Some(conn) = conn {
+                        rsp.body_mut().return_conn(conn);
+                    }
+                    Ok(rsp)
+                }
             }
-            Ok(rsp.map(ProxyBody::upstream))
         })
     }
 }
@@ -232,49 +248,87 @@ fn rewrite<B>(
 
 /// Removes headers that describe one connection, not the message (RFC 9110 7.6.1).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none: one pass over the names is cheaper than eight hashed removes.
-    if !headers.keys().any(is_hop_by_hop) {
+    // Most messages carry none or only `Connection: keep-alive`: one pass over the names finds
+    // which are present, and only those pay for a hashed remove.
+    let present = headers.keys().fold(0u8, |acc, name| acc | hop_by_hop(name));
+    if present == 0 {
         return;
     }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        if conn.as_bytes() != b"keep-alive" && conn.as_bytes() != b"close" && !upgrade {
-            let named: Vec<HeaderName> = conn
-                .to_str()
-                .unwrap_or("")
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .collect();
-            for name in named {
-                headers.remove(name);
+    if present & HOP_CONNECTION != 0 {
+        if let Some(conn) = headers.get(header::CONNECTION) {
+            if conn.as_bytes() != b"keep-alive" && conn.as_bytes() != b"close" && !upgrade {
+                let named: Vec<HeaderName> = conn
+                    .to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                    .collect();
+                for name in named {
+                    headers.remove(name);
+                }
             }
         }
+        if !upgrade {
+            headers.remove(header::CONNECTION);
+        }
     }
-    if !upgrade {
-        headers.remove(header::CONNECTION);
+    if !upgrade && present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    headers.remove(header::PROXY_AUTHORIZATION);
-    headers.remove(header::TRANSFER_ENCODING);
-    if let Some(te) = headers.get(header::TE) {
-        // Only `TE: trailers` may cross a hop; gRPC depends on it.
-        if !contains_token(te, "trailers") {
-            headers.remove(header::TE);
-        } else if te.as_bytes() != b"trailers" {
-            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if present & HOP_KEEP_ALIVE != 0 {
+        headers.remove(KEEP_ALIVE);
+    }
+    if present & HOP_PROXY_CONNECTION != 0 {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if present & HOP_PROXY_AUTHORIZATION != 0 {
+        headers.remove(header::PROXY_AUTHORIZATION);
+    }
+    if present & HOP_TRANSFER_ENCODING != 0 {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if present & HOP_TE != 0 {
+        if let Some(te) = headers.get(header::TE) {
+            // Only `TE: trailers` may cross a hop; gRPC depends on it.
+            if !contains_token(te, "trailers") {
+                headers.remove(header::TE);
+            } else if te.as_bytes() != b"trailers" {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
         }
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::UPGRADE
-        || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::PROXY_AUTHORIZATION
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+const HOP_CONNECTION: u8 = 1;
+const HOP_UPGRADE: u8 = 1 << 1;
+const HOP_KEEP_ALIVE: u8 = 1 << 2;
+const HOP_PROXY_CONNECTION: u8 = 1 << 3;
+const HOP_PROXY_AUTHORIZATION: u8 = 1 << 4;
+const HOP_TRANSFER_ENCODING: u8 = 1 << 5;
+const HOP_TE: u8 = 1 << 6;
+
+/// Which hop-by-hop header `name` is, as a bit of the mask `strip_hop_by_hop` builds.
+fn hop_by_hop(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        HOP_CONNECTION
+    } else if name == header::UPGRADE {
+        HOP_UPGRADE
+    } else if name == header::TRANSFER_ENCODING {
+        HOP_TRANSFER_ENCODING
+    } else if name == header::TE {
+        HOP_TE
+    } else if name == header::PROXY_AUTHORIZATION {
+        HOP_PROXY_AUTHORIZATION
+    } else if name == KEEP_ALIVE {
+        HOP_KEEP_ALIVE
+    } else if name == PROXY_CONNECTION {
+        HOP_PROXY_CONNECTION
+    } else {
+        0
+    }
 }
 
 fn contains_token(value: &HeaderValue, token: &str) -> bool {
@@ -285,8 +339,8 @@ fn contains_token(value: &HeaderValue, token: &str) -> bool {
 }
 
 /// Whether hyper cancelled the request before writing any of it: the connection it was
-/// queued on closed (a peer's reset or GOAWAY). hyper-util's pool resends such a request
-/// itself when the connection was a reused one; this catches the rest.
+/// queued on closed (a peer's reset or GOAWAY). The pool resends such a request on a fresh
+/// connection itself when it came from a reused one; this catches the rest.
 fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut src = Some(e);
     while let Some(err) = src {
@@ -331,6 +385,27 @@ mod tests {
         assert!(!h.contains_key(header::CONNECTION));
         assert!(h.contains_key("x-end"));
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_present_is_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("close"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[header::CONTENT_TYPE], "text/plain");
     }
 
     #[tokio::test]

@@ -146,15 +146,18 @@ where
                 let trailers = collected.trailers().cloned();
                 Kept::Whole(collected.to_bytes(), trailers)
             };
-            parts
-                .extensions
-                .insert(Tried(Arc::new(AtomicUsize::new(usize::MAX))));
-            let deadline = parts.extensions.get::<Deadline>().copied();
+            let tried = Tried(Arc::new(AtomicUsize::new(usize::MAX)));
+            let again = Again::new(&parts, tried.clone());
+            parts.extensions.insert(tried);
+            let deadline = again.deadline;
             let p = policy.params;
             let mut attempt = 1;
             let mut body = kept.first();
+            // The first attempt takes the caller's parts; a retry rebuilds them from `again`.
+            let mut first = Some(parts);
             let res = loop {
-                let mut req = Request::from_parts(parts.clone(), body);
+                let parts = first.take().unwrap_or_else(|| again.parts());
+                let mut req = Request::from_parts(parts, body);
                 let res = match p.per_try_timeout {
                     Some(t) => {
                         let until = Instant::now() + t;
@@ -199,6 +202,50 @@ where
             kept.release();
             res
         })
+    }
+}
+
+/// What a retry needs to rebuild the request head. Only the extensions the layers below read
+/// are carried over: cloning the whole `Extensions` map costs an allocation per value.
+struct Again {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+    route: Option<Route>,
+    deadline: Option<Deadline>,
+    tried: Tried,
+}
+
+// === impl Again ===
+
+impl Again {
+    fn new(parts: &http::request::Parts, tried: Tried) -> Self {
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+            route: parts.extensions.get::<Route>().cloned(),
+            deadline: parts.extensions.get::<Deadline>().copied(),
+            tried,
+        }
+    }
+
+    fn parts(&self) -> http::request::Parts {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.method = self.method.clone();
+        parts.uri = self.uri.clone();
+        parts.version = self.version;
+        parts.headers = self.headers.clone();
+        if let Some(route) = &self.route {
+            parts.extensions.insert(route.clone());
+        }
+        if let Some(deadline) = self.deadline {
+            parts.extensions.insert(deadline);
+        }
+        parts.extensions.insert(self.tried.clone());
+        parts
     }
 }
 
