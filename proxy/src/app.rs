@@ -79,7 +79,10 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     if let Some(port) = boot.listen.inbound.map(|a| a.port()) {
         // Agents' mesh ports are 10000-10599 by platform rule; 0 lets the OS pick (tests).
         if port != 0 && !(10000..=10599).contains(&port) {
-            tracing::warn!(port, "inbound port is outside the agents' range 10000-10599");
+            tracing::warn!(
+                port,
+                "inbound port is outside the agents' range 10000-10599"
+            );
         }
     }
     let addrs = BoundAddrs {
