@@ -95,14 +95,27 @@ pub fn dropped_lines() -> Option<u64> {
     SINK.get().map(|s| s.dropped.load(Ordering::Relaxed))
 }
 
-/// Hands this thread's batch to the writer. Runtime threads call it before they park, so an
-/// idle proxy never holds lines back.
+/// Hands this thread's batch to the writer.
 pub fn flush_thread() {
+    flush(|_| true);
+}
+
+/// Runtime threads call this before they park: the batch goes once it is old enough, so an
+/// idle proxy's lines leave within a timer tick or so, while a busy one, which parks between
+/// almost every pair of requests, still hands over one batch per 16 KiB or 50 ms rather than
+/// waking the writer each time.
+pub fn flush_if_due() {
+    flush(|b| b.first.is_some_and(|t| t.elapsed() >= BATCH_AGE));
+}
+
+fn flush(due: impl FnOnce(&Batch) -> bool) {
     let Some(sink) = SINK.get() else { return };
     // `try_with`: a thread being torn down may already have dropped its batch.
     let _ = BATCH.try_with(|b| {
         if let Ok(mut b) = b.try_borrow_mut() {
-            send(sink, &mut b);
+            if due(&b) {
+                send(sink, &mut b);
+            }
         }
     });
 }

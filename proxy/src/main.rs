@@ -60,7 +60,7 @@ fn main() -> ExitCode {
     let rt = match rt
         .enable_all()
         .thread_name("mesh-proxy")
-        .on_thread_park(mesh_proxy::log::flush_thread)
+        .on_thread_park(mesh_proxy::log::flush_if_due)
         .build()
     {
         Ok(rt) => rt,
