@@ -7,6 +7,7 @@ use crate::outbound::breaker::machine::Breaker;
 use crate::outbound::resilience::{Memory, Policies};
 use arc_swap::ArcSwap;
 use http::{HeaderName, HeaderValue};
+use mesh_config::ollama::Rate;
 use mesh_config::{Phase, Protocol, Snapshot};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +25,9 @@ pub struct Backend {
     pub endpoints: EndpointSet,
     pub metrics: Arc<TargetMetrics>,
     pub resilience: Policies,
+    /// This agent's rate for calls to the Ollama service, resolved once per snapshot; `None`
+    /// for every other backend or when no rate applies.
+    pub ollama_rate: Option<Rate>,
 }
 
 /// An explicit route rule, ready to match.
@@ -162,6 +166,13 @@ impl Compiler {
                 endpoints: EndpointSet::new(endpoints).with_ejection(policies.ejection),
                 metrics: TargetMetrics::new("outbound", &self.agent, phase, &svc.name),
                 resilience: policies,
+                ollama_rate: (svc.name == *snapshot.ollama.service)
+                    .then(|| {
+                        snapshot
+                            .ollama
+                            .rate(&self.agent, self.phase, snapshot.budget.as_ref())
+                    })
+                    .flatten(),
             });
             by_name.insert(Box::<str>::from(svc.name.as_str()), backend);
         }

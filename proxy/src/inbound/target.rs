@@ -31,6 +31,7 @@ impl LocalTargetLayer {
             timeout: boot.inbound.timeout,
             endpoints: EndpointSet::new(vec![Arc::new(Endpoint::new(boot.inbound.app))]),
             resilience: Default::default(),
+            ollama_rate: None,
             metrics: TargetMetrics::new("inbound", &boot.agent, boot.phase.as_str(), &boot.agent),
         };
         Self {

@@ -1,6 +1,7 @@
 //! The caller-side rate limit on Ollama calls: a token bucket per agent (`governor`), sized by
 //! the snapshot's rate for this agent: its own, else the one its budget carries (derived by the
-//! control process from the phase budget), else its phase's. Over the limit, the call is
+//! control process from the phase budget), else its phase's. The rate is resolved when the
+//! snapshot is compiled (`Backend::ollama_rate`), so other targets pay one field check. Over the limit, the call is
 //! answered 429 with `Retry-After` here and never leaves the host. Listing endpoints
 //! (`/api/tags`, `/api/version`, `/api/ps`) are not counted.
 
@@ -8,7 +9,7 @@ use crate::body::ProxyBody;
 use crate::errors::ProxyError;
 use crate::inbound::ollama::limits::Api;
 use crate::metrics;
-use crate::state::{Route, State};
+use crate::state::Route;
 use arc_swap::ArcSwapOption;
 use futures_util::future::{self, Either, Ready};
 use governor::clock::{Clock, DefaultClock};
@@ -16,7 +17,6 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_config::ollama::Rate;
-use mesh_config::Phase;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,9 +34,6 @@ pub struct RateLimit<S> {
 
 #[derive(Debug)]
 struct Shared {
-    agent: String,
-    phase: Phase,
-    state: Arc<State>,
     /// Replaced only when the rate changes, so a new snapshot does not refill the bucket.
     bucket: ArcSwapOption<Bucket>,
     limited: ::metrics::Counter,
@@ -52,16 +49,19 @@ struct Bucket {
 // === impl RateLimitLayer ===
 
 impl RateLimitLayer {
-    pub fn new(agent: &str, phase: Phase, state: Arc<State>) -> Self {
+    pub fn new() -> Self {
         Self {
             shared: Arc::new(Shared {
-                agent: agent.to_owned(),
-                phase,
-                state,
                 bucket: ArcSwapOption::empty(),
                 limited: ::metrics::counter!(metrics::OLLAMA_RATE_LIMITED),
             }),
         }
+    }
+}
+
+impl Default for RateLimitLayer {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -105,15 +105,12 @@ impl Shared {
         let Some(route) = req.extensions().get::<Route>() else {
             return Ok(());
         };
-        let table = self.state.load();
-        let policy = &table.snapshot.ollama;
-        if *route.backend.name != *policy.service || Api::of(req.uri().path()) == Api::Bypass {
-            return Ok(());
-        }
-        let Some(rate) = policy.rate(&self.agent, self.phase, table.snapshot.budget.as_ref())
-        else {
+        let Some(rate) = route.backend.ollama_rate else {
             return Ok(());
         };
+        if Api::of(req.uri().path()) == Api::Bypass {
+            return Ok(());
+        }
         let bucket = match self.bucket.load_full() {
             Some(b) if b.rate == rate => b,
             _ => {

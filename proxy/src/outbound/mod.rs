@@ -49,11 +49,7 @@ pub fn stack(boot: &Bootstrap, state: Arc<State>, pools: Arc<pool::Pools>) -> St
             boot.log.access,
         ))
         .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
-        .layer(limit::RateLimitLayer::new(
-            &boot.agent,
-            boot.phase,
-            state.clone(),
-        ))
+        .layer(limit::RateLimitLayer::new())
         .layer(deadline::DeadlineLayer)
         .layer(timeout::TimeoutLayer)
         .layer(retry::RetryLayer)
