@@ -56,10 +56,6 @@ impl ProxyBody {
         Self::new(Inner::Local(Full::new(bytes)))
     }
 
-    pub fn text(text: &'static str) -> Self {
-        Self::new(Inner::Local(Full::new(Bytes::from_static(text.as_bytes()))))
-    }
-
     pub fn empty() -> Self {
         Self::new(Inner::Local(Full::new(Bytes::new())))
     }

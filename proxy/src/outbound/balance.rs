@@ -118,12 +118,6 @@ impl Endpoint {
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Relaxed)
     }
-
-    /// Latency estimate as of now, for /config and debugging.
-    pub fn rtt_estimate(&self) -> Duration {
-        let ns = self.decayed_rtt(nanos_since_epoch(Instant::now()));
-        Duration::from_nanos(ns as u64)
-    }
 }
 
 // === impl EndpointSet ===
@@ -242,10 +236,6 @@ impl EndpointSet {
 
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
-        self.endpoints.iter()
     }
 
     /// Picks two distinct endpoints at random and returns the cheaper one.
