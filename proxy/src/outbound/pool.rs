@@ -131,8 +131,23 @@ impl Pools {
                 },
             }
         }
+        // Boxed: the connect and handshake states would otherwise make every pooled send's
+        // future (moved and copied with the request) several times larger.
+        Box::pin(self.send_on_new_http1(endpoint, req)).await
+    }
+
+    async fn send_on_new_http1(
+        self,
+        endpoint: Arc<Endpoint>,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), Error> {
+        let addr = endpoint.addr;
         let io = self.connect(addr).await?;
-        let (mut tx, conn) = http1::handshake(io)
+        // One write per message: a head and a small body in one buffer cost one copy, where a
+        // vectored write costs the kernel more than the copy saves.
+        let (mut tx, conn) = http1::Builder::new()
+            .writev(false)
+            .handshake(io)
             .await
             .map_err(|source| Error::Handshake { addr, source })?;
         tokio::spawn(async move {
@@ -176,10 +191,23 @@ impl Pools {
                 },
             }
         }
-        let mut tx = {
+        let mut tx = Box::pin(self.connect_shared(&endpoint)).await?;
+        tx.try_send_request(req).await.map_err(|e| Error::Http {
+            addr,
+            source: e.into_error(),
+        })
+    }
+
+    /// The endpoint's shared HTTP/2 connection, made by the first request that finds none.
+    async fn connect_shared(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<http2::SendRequest<RequestBody>, Error> {
+        let addr = endpoint.addr;
+        let tx = {
             let mut made = endpoint.conns.http2_connect.lock().await;
             // Another request may have connected while this one waited.
-            match self.shared(&endpoint) {
+            match self.shared(endpoint) {
                 Some((tx, _)) => tx,
                 None => {
                     let tx = self.connect_http2(addr).await?;
@@ -193,10 +221,7 @@ impl Pools {
                 }
             }
         };
-        tx.try_send_request(req).await.map_err(|e| Error::Http {
-            addr,
-            source: e.into_error(),
-        })
+        Ok(tx)
     }
 
     /// The endpoint's HTTP/2 connection, unless it is closed or has idled out.

@@ -22,6 +22,7 @@ pub fn server_builder(limits: &Limits) -> Arc<ServerBuilder> {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
+        .writev(false)
         .keep_alive(true);
     builder
         .http2()

@@ -36,14 +36,20 @@ impl FailureRatio {
         }
     }
 
+    /// How far apart successes may be credited without moving them to another bucket.
+    pub fn width(&self) -> Duration {
+        self.width
+    }
+
+    /// Records `n` successes at `now`.
+    pub fn succeeded(&mut self, n: u32, now: Instant) {
+        let (_, slot) = self.slot(now);
+        slot.1 = slot.1.saturating_add(n);
+    }
+
     /// Records one outcome at `now`; true when the window's ratio reaches the threshold.
     pub fn record(&mut self, failed: bool, now: Instant) -> bool {
-        let seq =
-            (now.saturating_duration_since(self.origin).as_nanos() / self.width.as_nanos()) as u64;
-        let slot = &mut self.buckets[seq as usize % BUCKETS];
-        if slot.0 != seq {
-            *slot = (seq, 0, 0);
-        }
+        let (seq, slot) = self.slot(now);
         slot.1 += 1;
         slot.2 += failed as u32;
         if !failed {
@@ -61,6 +67,17 @@ impl FailureRatio {
 
     pub fn reset(&mut self) {
         self.buckets = [EMPTY; BUCKETS];
+    }
+
+    /// The bucket `now` falls in, emptied if it held an older tenth.
+    fn slot(&mut self, now: Instant) -> (u64, &mut (u64, u32, u32)) {
+        let seq =
+            (now.saturating_duration_since(self.origin).as_nanos() / self.width.as_nanos()) as u64;
+        let slot = &mut self.buckets[seq as usize % BUCKETS];
+        if slot.0 != seq {
+            *slot = (seq, 0, 0);
+        }
+        (seq, slot)
     }
 }
 

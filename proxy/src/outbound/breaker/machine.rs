@@ -1,7 +1,9 @@
 //! One circuit breaker: a gate the request path reads (atomics only) and a task that owns the
 //! policies and moves the gate: closed -> open -> half-open -> closed (or open again with a
-//! longer cool-down). Outcomes reach the task over a bounded channel; the task is spawned on
-//! the first outcome and ends when the breaker is dropped.
+//! longer cool-down). Failures and probe outcomes reach the task over a bounded channel;
+//! ordinary successes, nearly every request, are only counted in the gate, and the task credits
+//! them before it judges the next failure and once per failure-ratio bucket. The task is
+//! spawned on the first outcome and ends when the breaker is dropped.
 
 use super::consecutive_failures::{self, ConsecutiveFailures};
 use super::failure_ratio::{self, FailureRatio};
@@ -66,6 +68,8 @@ struct Gate {
     /// `Retry-After` a fallback answers with.
     reopen_ms: AtomicU64,
     epoch: Instant,
+    /// Successes of normally admitted requests not yet credited by the task.
+    successes: AtomicU32,
 }
 
 /// A circuit breaker for one target or one endpoint. Cheap to check; see the module doc.
@@ -110,6 +114,7 @@ impl Breaker {
                 probes: AtomicU32::new(0),
                 reopen_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
+                successes: AtomicU32::new(0),
             }),
             tx: OnceLock::new(),
             target: target.into(),
@@ -162,10 +167,31 @@ impl Breaker {
             tokio::spawn(task.run(rx));
             tx
         });
+        if admit == Admit::Normal {
+            match class {
+                Class::Success => {
+                    self.gate.successes.fetch_add(1, Relaxed);
+                    return;
+                }
+                // Says nothing about the upstream and decides no probe.
+                Class::Cancelled => return,
+                Class::Failure => {}
+            }
+        }
         let _ = tx.try_send(Outcome {
             class,
             probe: admit == Admit::Probe,
         });
+    }
+}
+
+/// The next tick of the success-crediting interval; never, when there is none.
+async fn tick(every: &mut Option<tokio::time::Interval>) {
+    match every {
+        Some(every) => {
+            every.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -186,16 +212,47 @@ impl Task {
         let mut ratio = p.ratio.map(|r| FailureRatio::new(r, Instant::now()));
         // Trips since the breaker last closed: each doubles the cool-down.
         let mut trips = 0u32;
+        // Counted successes land in the ratio's bucket of their time, give or take a bucket.
+        let mut credit = ratio.as_ref().map(|r| {
+            let mut every = tokio::time::interval(r.width());
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every
+        });
         let mut state = BreakerState::Closed;
         loop {
             state = match state {
                 BreakerState::Closed => {
-                    let Some(o) = rx.recv().await else { return };
+                    let o = tokio::select! {
+                        o = rx.recv() => match o {
+                            Some(o) => o,
+                            None => return,
+                        },
+                        _ = tick(&mut credit) => {
+                            let n = self.gate.successes.swap(0, AcqRel);
+                            if let (Some(r), true) = (ratio.as_mut(), n > 0) {
+                                r.succeeded(n, Instant::now());
+                            }
+                            if let (Some(c), true) = (consecutive.as_mut(), n > 0) {
+                                c.record(false);
+                            }
+                            continue;
+                        }
+                    };
                     if o.probe || o.class == Class::Cancelled {
                         continue;
                     }
                     let failed = o.class == Class::Failure;
                     let now = Instant::now();
+                    // Successes counted since the last look came before this outcome was read.
+                    let n = self.gate.successes.swap(0, AcqRel);
+                    if n > 0 {
+                        if let Some(c) = consecutive.as_mut() {
+                            c.record(false);
+                        }
+                        if let Some(r) = ratio.as_mut() {
+                            r.succeeded(n, now);
+                        }
+                    }
                     let by_count = consecutive.as_mut().is_some_and(|c| c.record(failed));
                     let by_ratio = ratio.as_mut().is_some_and(|r| r.record(failed, now));
                     if !(by_count || by_ratio) {
@@ -215,6 +272,8 @@ impl Task {
                         Relaxed,
                     );
                     self.transition(BreakerState::Open, Some(cooldown));
+                    // Successes of requests admitted before the trip say nothing new either.
+                    self.gate.successes.store(0, Release);
                     // Outcomes of requests admitted before the trip say nothing new.
                     let sleep = tokio::time::sleep_until(until);
                     tokio::pin!(sleep);
@@ -257,6 +316,7 @@ impl Task {
                         if let Some(r) = ratio.as_mut() {
                             r.reset();
                         }
+                        self.gate.successes.store(0, Release);
                         self.transition(BreakerState::Closed, None);
                     }
                     next
@@ -387,6 +447,82 @@ mod tests {
         b.record(probe, Class::Cancelled);
         settle().await;
         assert_eq!(b.admit(), Some(Admit::Probe));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_counted_success_starts_the_failure_count_again() {
+        let b = Breaker::new(params(), "t", "");
+        fail(&b);
+        fail(&b);
+        settle().await;
+        b.record(b.admit().unwrap(), Class::Success);
+        fail(&b);
+        fail(&b);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&b);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn counted_successes_leave_the_ratio_window_with_their_bucket() {
+        let b = Breaker::new(
+            Params {
+                consecutive: None,
+                ratio: Some(failure_ratio::Params {
+                    ratio: 0.5,
+                    window: Duration::from_secs(10),
+                    min_requests: 4,
+                }),
+                ..params()
+            },
+            "t",
+            "",
+        );
+        for _ in 0..20 {
+            b.record(b.admit().unwrap(), Class::Success);
+        }
+        settle().await;
+        // Credited when they happened, the successes have left the window eleven seconds on:
+        // four failures alone now make the ratio.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        for _ in 0..3 {
+            fail(&b);
+        }
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&b);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recent_counted_successes_hold_the_ratio_down() {
+        let b = Breaker::new(
+            Params {
+                consecutive: None,
+                ratio: Some(failure_ratio::Params {
+                    ratio: 0.5,
+                    window: Duration::from_secs(10),
+                    min_requests: 4,
+                }),
+                ..params()
+            },
+            "t",
+            "",
+        );
+        for _ in 0..20 {
+            b.record(b.admit().unwrap(), Class::Success);
+        }
+        for _ in 0..19 {
+            fail(&b);
+        }
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Closed);
+        fail(&b);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Open);
     }
 
     #[tokio::test(start_paused = true)]

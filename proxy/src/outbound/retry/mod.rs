@@ -135,6 +135,9 @@ where
         Box::pin(async move {
             let kept = if tee {
                 Kept::Tee(Tee::new(body, max))
+            } else if body.is_end_stream() {
+                // Most requests (GETs) have no body: nothing to read or keep.
+                Kept::Whole(Bytes::new(), None)
             } else {
                 let collected = Limited::new(body, max as usize)
                     .collect()
