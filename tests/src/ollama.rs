@@ -2,6 +2,9 @@
 //! `/v1/completions` stream SSE, `/api/tags`, `/api/version` and `/api/ps` answer at once. Like
 //! the real server with `OLLAMA_NUM_PARALLEL`, it serves at most `parallel` generations at once,
 //! and it fails loudly (500, and [`FakeOllama::assert_never_overlapped`]) if it ever sees more.
+//! The one exception is a caller hanging up: no client can tell when Ollama has noticed, so a
+//! generation that arrives while a hung-up one is still being torn down waits for its slot, as
+//! real Ollama queues it.
 //!
 //! A generation is named by the `"prompt"` field of its JSON body; tests put the caller's name
 //! there and read back the order in which Ollama started them.
@@ -173,7 +176,7 @@ impl FakeOllama {
         self.generations().into_iter().map(|g| g.prompt).collect()
     }
 
-    /// The most generations ever in flight at once.
+    /// The most generations ever in flight at once, counting one waiting for a slot.
     pub fn max_in_flight(&self) -> usize {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
@@ -271,13 +274,11 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let prompt = body["prompt"].as_str().unwrap_or("").to_owned();
 
-    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    state.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    if now > state.parallel {
+    if !take_slot(&state).await {
         state.overlaps.fetch_add(1, Ordering::SeqCst);
-        state.in_flight.fetch_sub(1, Ordering::SeqCst);
         eprintln!(
-            "FAKE OLLAMA: {now} generations at once with parallel = {}",
+            "FAKE OLLAMA: {} generations at once with parallel = {}",
+            state.parallel + 1,
             state.parallel
         );
         return Ok(json(
@@ -308,6 +309,49 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     rsp.headers_mut()
         .insert(CONTENT_TYPE, content_type.parse().expect("content type"));
     Ok(rsp)
+}
+
+/// Takes one of the `parallel` slots; false when the gateway sent more generations than that.
+///
+/// The gateway frees a slot the moment its caller hangs up and may send the next generation
+/// before this server has seen the hang-up (the two travel on different connections and
+/// tasks). So a generation that finds every slot busy waits: a hang-up that frees a slot
+/// meanwhile excuses it; a generation ending normally does not, since its end is counted here
+/// before the gateway can see it. Without hang-ups, any wait is an overlap. (With `parallel` >
+/// 1, a normal end racing a hang-up's teardown would be miscounted; no scenario has both.)
+async fn take_slot(state: &State) -> bool {
+    // Subscribed before the first look, so nothing that frees a slot after it is missed.
+    let mut abandoned = state.abandoned.subscribe();
+    let mut ended = state.ended.subscribe();
+    loop {
+        let busy = state.in_flight.load(Ordering::SeqCst);
+        if busy < state.parallel {
+            let taken = state.in_flight.compare_exchange(
+                busy,
+                busy + 1,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            if taken.is_ok() {
+                state.max_in_flight.fetch_max(busy + 1, Ordering::SeqCst);
+                return true;
+            }
+            continue;
+        }
+        // More than `parallel` are here at once, whatever excuses it below.
+        state.max_in_flight.fetch_max(busy + 1, Ordering::SeqCst);
+        eprintln!("FAKE OLLAMA: a generation waits, all {busy} slots busy");
+        tokio::select! {
+            biased;
+            changed = abandoned.changed() => {
+                changed.expect("fake ollama state outlives its connections");
+            }
+            changed = ended.changed() => {
+                changed.expect("fake ollama state outlives its connections");
+                return false;
+            }
+        }
+    }
 }
 
 /// Streams one generation; counts it ended (before the body ends, so the next request never
