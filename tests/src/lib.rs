@@ -1,5 +1,6 @@
 //! Integration harness for the agent mesh: fake upstreams (`server`), clients that speak
-//! HTTP/1.1, h2c and raw TCP (`client`), the proxy under test in-process or as a child process
+//! HTTP/1.1, h2c and raw TCP (`client`), an HTTP/2 peer written frame by frame (`h2_peer`), the
+//! proxy under test in-process or as a child process
 //! (`proxy`), an app that calls onward through its sidecar (`relay`), snapshot text builders
 //! (`snapshot`) and metric lookups (`metrics`).
 //!
@@ -9,6 +10,7 @@ pub mod body;
 pub mod client;
 pub mod consul;
 pub mod control;
+pub mod h2_peer;
 pub mod metrics;
 pub mod ollama;
 pub mod proxy;

@@ -3,6 +3,7 @@
 
 use http::Method;
 use mesh_tests::client;
+use mesh_tests::h2_peer::{self, Refusal};
 use mesh_tests::proxy;
 use mesh_tests::server::{self, SERVED_BY};
 use mesh_tests::snapshot::{route, service, snapshot};
@@ -208,4 +209,45 @@ async fn a_chunked_body_over_the_bound_is_sent_once() {
     let reply = mesh_tests::bounded("the PUT", reply).await.unwrap();
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert_eq!(up.requests(), 1);
+}
+
+/// An HTTP/2 peer that turns a stream away unprocessed (RFC 9113 8.7) lets any request, a POST
+/// included, go out again: nothing of it was acted on.
+async fn a_post_turned_away_unprocessed_is_sent_again(
+    refusal: Refusal,
+    svc: &str,
+) -> h2_peer::Peer {
+    let peer = h2_peer::refusing_first(refusal).await;
+    let snap = snapshot(1).service(
+        service(svc)
+            .endpoint(peer.addr())
+            .http2()
+            .policy("retry", RETRY)
+            .policy("breaker", "{ enabled = false }")
+            .policy("ejection", "{ enabled = false }"),
+    );
+    let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
+    let c = client::http1(proxy.outbound());
+    let req = c
+        .request(Method::POST, svc, "/orders")
+        .body(mesh_tests::body::full("one order"))
+        .unwrap();
+    let reply = c.send(req).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!((peer.refused(), peer.answered()), (1, 1));
+    peer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_refused_by_an_http2_peer_is_sent_again() {
+    let peer = a_post_turned_away_unprocessed_is_sent_again(Refusal::RefusedStream, "rt-rs").await;
+    // REFUSED_STREAM leaves the connection usable: the retry went out on it.
+    assert_eq!(peer.connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_above_a_goaway_last_stream_is_sent_again() {
+    let peer = a_post_turned_away_unprocessed_is_sent_again(Refusal::GoAway, "rt-ga").await;
+    // The connection that sent GOAWAY takes no new stream: the retry opened another.
+    assert_eq!(peer.connections(), 2);
 }

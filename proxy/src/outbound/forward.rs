@@ -338,9 +338,10 @@ fn contains_token(value: &HeaderValue, token: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether hyper cancelled the request before writing any of it: the connection it was
-/// queued on closed (a peer's reset or GOAWAY). The pool resends such a request on a fresh
-/// connection itself when it came from a reused one; this catches the rest.
+/// Whether the request is known not to have been acted on: hyper cancelled it before writing
+/// any of it (the connection it was queued on closed), or an HTTP/2 peer turned its stream away
+/// unprocessed (RFC 9113 8.7). The pool resends a request cancelled on a reused connection
+/// itself; this catches the rest.
 fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut src = Some(e);
     while let Some(err) = src {
@@ -350,9 +351,20 @@ fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
         {
             return true;
         }
+        if err.downcast_ref::<h2::Error>().is_some_and(unprocessed) {
+            return true;
+        }
         src = err.source();
     }
     false
+}
+
+/// `REFUSED_STREAM` from the peer, or the peer's GOAWAY naming a last stream below this one:
+/// h2 reports the streams above the last id with the GOAWAY itself, while a stream at or below
+/// it that the connection's end cuts short fails with an I/O error instead.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && ((e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)) || e.is_go_away())
 }
 
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
