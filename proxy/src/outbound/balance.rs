@@ -183,9 +183,10 @@ impl EndpointSet {
             skip(kb)
         });
         let a = skip(ka);
-        let now = nanos_since_epoch(Instant::now());
         match (usable(a), b.map(|b| (b, usable(b)))) {
             (Some(aa), Some((b, Some(ab)))) => {
+                // Read only when there is a choice: a target with one endpoint never compares.
+                let now = nanos_since_epoch(Instant::now());
                 let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
                 let (win, lose) = if ea.cost(now) <= eb.cost(now) {
                     ((a, aa), (b, ab))
