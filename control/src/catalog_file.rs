@@ -28,13 +28,8 @@ pub fn load(path: &Path) -> Result<(Catalog, String), LoadError> {
 
 impl CatalogFile {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = crate::stopped(&mut stop) => return,
-            }
+        let mut poll = crate::PollEvery::new(self.every);
+        while poll.tick(&mut stop).await {
             let text = match tokio::fs::read_to_string(&self.path).await {
                 Ok(text) => text,
                 Err(e) => {

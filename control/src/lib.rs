@@ -23,3 +23,23 @@ pub use app::{start, Config, Running, Source, StartError};
 pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+/// The clock of a loop that polls a file or directory: the first tick at once, then one per
+/// period; a late tick delays the next rather than bunching them.
+pub(crate) struct PollEvery(tokio::time::Interval);
+
+impl PollEvery {
+    pub(crate) fn new(period: std::time::Duration) -> Self {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self(tick)
+    }
+
+    /// Waits for the next tick; false once `stop` is set.
+    pub(crate) async fn tick(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+        tokio::select! {
+            _ = self.0.tick() => true,
+            _ = stopped(stop) => false,
+        }
+    }
+}

@@ -21,13 +21,8 @@ pub struct PolicyWatch {
 
 impl PolicyWatch {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(self.every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = crate::stopped(&mut stop) => return,
-            }
+        let mut poll = crate::PollEvery::new(self.every);
+        while poll.tick(&mut stop).await {
             let dir = self.dir.clone();
             let files = match tokio::task::spawn_blocking(move || policy::read_dir(&dir)).await {
                 Ok(Ok(files)) => files,

@@ -361,6 +361,19 @@ mod tests {
         }
     }
 
+    /// Half the requests of a 10 s window failing, once it holds four, opens the breaker.
+    fn ratio_only() -> Params {
+        Params {
+            consecutive: None,
+            ratio: Some(failure_ratio::Params {
+                ratio: 0.5,
+                window: Duration::from_secs(10),
+                min_requests: 4,
+            }),
+            ..params()
+        }
+    }
+
     /// Lets the breaker task run until it has nothing left to do.
     async fn settle() {
         for _ in 0..10 {
@@ -467,19 +480,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn counted_successes_leave_the_ratio_window_with_their_bucket() {
-        let b = Breaker::new(
-            Params {
-                consecutive: None,
-                ratio: Some(failure_ratio::Params {
-                    ratio: 0.5,
-                    window: Duration::from_secs(10),
-                    min_requests: 4,
-                }),
-                ..params()
-            },
-            "t",
-            "",
-        );
+        let b = Breaker::new(ratio_only(), "t", "");
         for _ in 0..20 {
             b.record(b.admit().unwrap(), Class::Success);
         }
@@ -499,19 +500,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn recent_counted_successes_hold_the_ratio_down() {
-        let b = Breaker::new(
-            Params {
-                consecutive: None,
-                ratio: Some(failure_ratio::Params {
-                    ratio: 0.5,
-                    window: Duration::from_secs(10),
-                    min_requests: 4,
-                }),
-                ..params()
-            },
-            "t",
-            "",
-        );
+        let b = Breaker::new(ratio_only(), "t", "");
         for _ in 0..20 {
             b.record(b.admit().unwrap(), Class::Success);
         }
