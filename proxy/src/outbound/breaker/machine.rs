@@ -462,56 +462,48 @@ mod tests {
         assert_eq!(b.admit(), Some(Admit::Probe));
     }
 
+    fn succeed(b: &Breaker, n: usize) {
+        for _ in 0..n {
+            b.record(b.admit().expect("admitted"), Class::Success);
+        }
+    }
+
+    /// Fails `n` more requests and returns the state the task settles in.
+    async fn after_failures(b: &Breaker, n: usize) -> BreakerState {
+        for _ in 0..n {
+            fail(b);
+        }
+        settle().await;
+        b.state()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_counted_success_starts_the_failure_count_again() {
         let b = Breaker::new(params(), "t", "");
-        fail(&b);
-        fail(&b);
-        settle().await;
-        b.record(b.admit().unwrap(), Class::Success);
-        fail(&b);
-        fail(&b);
-        settle().await;
-        assert_eq!(b.state(), BreakerState::Closed);
-        fail(&b);
-        settle().await;
-        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(after_failures(&b, 2).await, BreakerState::Closed);
+        succeed(&b, 1);
+        assert_eq!(after_failures(&b, 2).await, BreakerState::Closed);
+        assert_eq!(after_failures(&b, 1).await, BreakerState::Open);
     }
 
     #[tokio::test(start_paused = true)]
     async fn counted_successes_leave_the_ratio_window_with_their_bucket() {
         let b = Breaker::new(ratio_only(), "t", "");
-        for _ in 0..20 {
-            b.record(b.admit().unwrap(), Class::Success);
-        }
+        succeed(&b, 20);
         settle().await;
         // Credited when they happened, the successes have left the window eleven seconds on:
         // four failures alone now make the ratio.
         tokio::time::sleep(Duration::from_secs(11)).await;
-        for _ in 0..3 {
-            fail(&b);
-        }
-        settle().await;
-        assert_eq!(b.state(), BreakerState::Closed);
-        fail(&b);
-        settle().await;
-        assert_eq!(b.state(), BreakerState::Open);
+        assert_eq!(after_failures(&b, 3).await, BreakerState::Closed);
+        assert_eq!(after_failures(&b, 1).await, BreakerState::Open);
     }
 
     #[tokio::test(start_paused = true)]
     async fn recent_counted_successes_hold_the_ratio_down() {
         let b = Breaker::new(ratio_only(), "t", "");
-        for _ in 0..20 {
-            b.record(b.admit().unwrap(), Class::Success);
-        }
-        for _ in 0..19 {
-            fail(&b);
-        }
-        settle().await;
-        assert_eq!(b.state(), BreakerState::Closed);
-        fail(&b);
-        settle().await;
-        assert_eq!(b.state(), BreakerState::Open);
+        succeed(&b, 20);
+        assert_eq!(after_failures(&b, 19).await, BreakerState::Closed);
+        assert_eq!(after_failures(&b, 1).await, BreakerState::Open);
     }
 
     #[tokio::test(start_paused = true)]
