@@ -6,6 +6,8 @@
 //! [ollama.gateway]
 //! parallel = 1
 //! queue_timeout = "60s"
+//! # A generation whose stream sends nothing for this long is cut, freeing its slot.
+//! stream_idle_timeout = "60s"
 //! queue = { critical = 64, performance = 64, specialized = 128 }
 //!
 //! # Generations Ollama completes per period with `parallel` slots. The control process splits
@@ -72,6 +74,10 @@ pub struct GatewayParams {
     /// Wait for Ollama's response head once admitted, unless the agent has its own `timeout`.
     #[serde(with = "humantime_serde", default = "default_generate_timeout")]
     pub timeout: Duration,
+    /// Longest silence inside a generation's streamed body: a stalled Ollama would otherwise
+    /// hold the slot, and with it every caller, for ever.
+    #[serde(with = "humantime_serde", default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: Duration,
     /// Largest request body accepted (prompts are buffered to apply the agent's limits).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -209,6 +215,7 @@ impl OllamaPolicy {
         for (key, zero) in [
             ("queue_timeout", g.queue_timeout.is_zero()),
             ("timeout", g.timeout.is_zero()),
+            ("stream_idle_timeout", g.stream_idle_timeout.is_zero()),
         ] {
             if zero {
                 return Err(invalid(at(&["gateway", key]), "must be greater than zero"));
@@ -298,6 +305,7 @@ impl Default for GatewayParams {
             queue: PhaseQueues::default(),
             per_agent_queue: default_per_agent_queue(),
             timeout: default_generate_timeout(),
+            stream_idle_timeout: default_stream_idle_timeout(),
             max_body_bytes: default_max_body_bytes(),
             breaker: BreakerParams::default(),
             capacity: default_capacity(),
@@ -425,6 +433,9 @@ fn default_per_agent_queue() -> usize {
 }
 fn default_generate_timeout() -> Duration {
     Duration::from_secs(300)
+}
+fn default_stream_idle_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_max_body_bytes() -> usize {
     16 * 1024 * 1024

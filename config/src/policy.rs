@@ -11,7 +11,9 @@ use crate::catalog::Catalog;
 use crate::load::{self, LoadError, Located};
 use crate::ollama::OllamaPolicy;
 use crate::resilience::Resilience;
-use crate::snapshot::{check_name, invalid, Invalid, PathSeg, DEFAULT_TIMEOUT};
+use crate::snapshot::{
+    check_name, invalid, Invalid, PathSeg, DEFAULT_STREAM_IDLE_TIMEOUT, DEFAULT_TIMEOUT,
+};
 use crate::{Defaults, Phase, Protocol, RouteRule, Service, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,6 +31,12 @@ pub struct TargetPolicy {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stream_idle_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<Protocol>,
     /// Retries, breakers, ejection, fallback: each set here overrides the one below it.
@@ -99,6 +107,7 @@ impl TargetPolicy {
     pub fn or(&self, base: &TargetPolicy) -> TargetPolicy {
         TargetPolicy {
             timeout: self.timeout.or(base.timeout),
+            stream_idle_timeout: self.stream_idle_timeout.or(base.stream_idle_timeout),
             protocol: self.protocol.or(base.protocol),
             resilience: self.resilience.or(&base.resilience),
         }
@@ -107,13 +116,19 @@ impl TargetPolicy {
     /// Writes the policy into a service of the snapshot.
     pub fn apply(&self, svc: &mut Service) {
         svc.timeout = self.timeout;
+        svc.stream_idle_timeout = self.stream_idle_timeout;
         svc.protocol = self.protocol.unwrap_or_default();
         svc.resilience = self.resilience.clone();
     }
 
     fn validate(&self, at: impl Fn(&'static str) -> Vec<PathSeg>) -> Result<(), Invalid> {
-        if self.timeout.is_some_and(|t| t.is_zero()) {
-            return Err(invalid(at("timeout"), "must be greater than zero"));
+        for (key, value) in [
+            ("timeout", self.timeout),
+            ("stream_idle_timeout", self.stream_idle_timeout),
+        ] {
+            if value.is_some_and(|t| t.is_zero()) {
+                return Err(invalid(at(key), "must be greater than zero"));
+            }
         }
         // Whether a fallback target exists depends on the catalog; the sidecar checks that.
         self.resilience.validate(&at("resilience"), None, &|_| true)
@@ -145,6 +160,7 @@ impl Policy {
                     protocol: Protocol::default(),
                     endpoints: c.endpoints.clone(),
                     timeout: None,
+                    stream_idle_timeout: None,
                     resilience: Resilience::default(),
                 };
                 self.target(&c.name).apply(&mut svc);
@@ -171,6 +187,10 @@ impl Policy {
             version,
             defaults: Defaults {
                 timeout: self.defaults.timeout.unwrap_or(DEFAULT_TIMEOUT),
+                stream_idle_timeout: self
+                    .defaults
+                    .stream_idle_timeout
+                    .unwrap_or(DEFAULT_STREAM_IDLE_TIMEOUT),
                 resilience: self.defaults.resilience.clone(),
             },
             services,
@@ -214,6 +234,7 @@ impl Policy {
                     protocol: Protocol::default(),
                     endpoints: vec![],
                     timeout: None,
+                    stream_idle_timeout: None,
                     resilience: Resilience::default(),
                 })
                 .collect(),
@@ -380,7 +401,7 @@ mod tests {
         let policy = load(&[(
             "mesh.toml",
             "[defaults]\ntimeout = \"10s\"\nprotocol = \"http2\"\n\
-             [targets.slow]\ntimeout = \"60s\"\n",
+             [targets.slow]\ntimeout = \"60s\"\nstream_idle_timeout = \"20m\"\n",
         )])
         .unwrap();
         let catalog = Catalog::new(vec![
@@ -405,6 +426,12 @@ mod tests {
             Some(Duration::from_secs(10))
         );
         assert_eq!(snap.defaults.timeout, Duration::from_secs(10));
+        assert_eq!(slow.stream_idle_timeout, Some(Duration::from_secs(1200)));
+        assert_eq!(snap.service("fast").unwrap().stream_idle_timeout, None);
+        assert_eq!(
+            snap.defaults.stream_idle_timeout,
+            DEFAULT_STREAM_IDLE_TIMEOUT
+        );
     }
 
     #[test]
@@ -419,6 +446,11 @@ mod tests {
         assert!(err(&[("a.toml", "[trace]\nsampling = \"often\"\n")]).starts_with("a.toml:2:"));
         let e = err(&[("a.toml", "[trace]\n\nsampling = 1.5\n")]);
         assert_eq!(e, "a.toml:3: trace.sampling: must be in [0, 1]");
+        let e = err(&[("a.toml", "[targets.x]\n\nstream_idle_timeout = \"0s\"\n")]);
+        assert_eq!(
+            e,
+            "a.toml:3: targets.x.stream_idle_timeout: must be greater than zero"
+        );
     }
 
     #[test]

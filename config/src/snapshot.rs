@@ -14,6 +14,8 @@ use std::time::Duration;
 
 /// Default per-route timeout (Rule 18: 30 s).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest silence inside a streamed response body (Envoy's `stream_idle_timeout`).
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Suffixes an agent may add to a target's name in the authority.
 pub const AUTHORITY_SUFFIXES: [&str; 2] = [".mesh", ".service.consul"];
 
@@ -42,6 +44,10 @@ pub struct Snapshot {
 pub struct Defaults {
     #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
+    /// How long a response body may go without a frame once its head has arrived; then the
+    /// stream is cut and counted (`upstream_idle`). The route timeout covers only the head.
+    #[serde(with = "humantime_serde", default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: Duration,
     /// Mesh-wide resilience policies; a service overrides each one.
     #[serde(default)]
     pub resilience: Resilience,
@@ -64,6 +70,12 @@ pub struct Service {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    #[serde(
+        with = "humantime_serde",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stream_idle_timeout: Option<Duration>,
     #[serde(default)]
     pub resilience: Resilience,
 }
@@ -142,6 +154,10 @@ fn default_timeout() -> Duration {
     DEFAULT_TIMEOUT
 }
 
+fn default_stream_idle_timeout() -> Duration {
+    DEFAULT_STREAM_IDLE_TIMEOUT
+}
+
 fn default_phase() -> Phase {
     Phase::Specialized
 }
@@ -152,6 +168,7 @@ impl Default for Defaults {
     fn default() -> Self {
         Self {
             timeout: DEFAULT_TIMEOUT,
+            stream_idle_timeout: DEFAULT_STREAM_IDLE_TIMEOUT,
             resilience: Resilience::default(),
         }
     }
@@ -163,11 +180,19 @@ impl Snapshot {
     /// Checks what serde cannot: names, references, non-zero timeouts.
     pub fn validate(&self) -> Result<(), Invalid> {
         use PathSeg::*;
-        if self.defaults.timeout.is_zero() {
-            return Err(invalid(
-                vec![Key("defaults"), Key("timeout")],
-                "must be greater than zero",
-            ));
+        for (key, zero) in [
+            ("timeout", self.defaults.timeout.is_zero()),
+            (
+                "stream_idle_timeout",
+                self.defaults.stream_idle_timeout.is_zero(),
+            ),
+        ] {
+            if zero {
+                return Err(invalid(
+                    vec![Key("defaults"), Key(key)],
+                    "must be greater than zero",
+                ));
+            }
         }
         let known: HashSet<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
         let exists = |name: &str| known.contains(name);
@@ -200,6 +225,12 @@ impl Snapshot {
             }
             if svc.timeout.is_some_and(|t| t.is_zero()) {
                 return Err(invalid(at("timeout"), "must be greater than zero"));
+            }
+            if svc.stream_idle_timeout.is_some_and(|t| t.is_zero()) {
+                return Err(invalid(
+                    at("stream_idle_timeout"),
+                    "must be greater than zero",
+                ));
             }
             let mut seen = HashSet::with_capacity(svc.endpoints.len());
             for ep in &svc.endpoints {

@@ -2,12 +2,14 @@
 //! small local answer. It carries the guards that must live exactly as long as the response.
 
 use crate::access_log::AccessRecord;
+use crate::idle::{IdleTimeout, IdleTimer};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 use tokio::sync::OwnedSemaphorePermit;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -23,6 +25,7 @@ pub struct ProxyBody {
     on_end: Option<OnEnd>,
     /// The upstream connection, returned to its pool when the body ends.
     conn: Option<crate::outbound::pool::Checkin>,
+    idle: Option<IdleTimer>,
 }
 
 /// Runs once when the body ends: with `None` when it ended cleanly, else the error kind
@@ -68,7 +71,13 @@ impl ProxyBody {
             record: None,
             on_end: None,
             conn: None,
+            idle: None,
         }
+    }
+
+    /// Cuts the body (error kind `upstream_idle`) when the upstream sends nothing for `after`.
+    pub fn idle_timeout(&mut self, after: Duration) {
+        self.idle = Some(IdleTimer::new(after));
     }
 
     /// Returns the upstream connection to its pool when the body ends (or is dropped).
@@ -125,7 +134,28 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let frame = match &mut this.inner {
-            Inner::Upstream(b) => ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(Into::into)),
+            Inner::Upstream(b) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    if let Some(idle) = this.idle.as_mut() {
+                        idle.frame();
+                    }
+                    frame.map(|r| r.map_err(Into::into))
+                }
+                Poll::Pending => {
+                    let Some(idle) = this.idle.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    if !idle.poll_expired(cx) {
+                        return Poll::Pending;
+                    }
+                    let after = idle.after();
+                    this.idle = None;
+                    this.end(Some("upstream_idle"));
+                    // Dropping the upstream body now closes its stream or connection.
+                    this.inner = Inner::Local(Full::new(Bytes::new()));
+                    return Poll::Ready(Some(Err(IdleTimeout(after).into())));
+                }
+            },
             Inner::Local(b) => {
                 ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(|e| match e {}))
             }

@@ -98,6 +98,9 @@ pub struct Inbound {
     pub queue_timeout: Duration,
     #[serde(with = "humantime_serde", default = "default_inbound_timeout")]
     pub timeout: Duration,
+    /// Longest silence inside the app's streamed response body before it is cut.
+    #[serde(with = "humantime_serde", default = "default_stream_idle_timeout")]
+    pub stream_idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -203,6 +206,11 @@ impl Bootstrap {
         if self.inbound.max_concurrency == 0 {
             return fail("inbound.max_concurrency: must be at least 1");
         }
+        if self.inbound.timeout.is_zero() || self.inbound.stream_idle_timeout.is_zero() {
+            return fail(
+                "inbound.timeout and inbound.stream_idle_timeout: must be greater than zero",
+            );
+        }
         if self.limits.max_header_bytes < 8192 {
             return fail("limits.max_header_bytes: must be at least 8192");
         }
@@ -229,6 +237,7 @@ impl Default for Inbound {
             queue_depth: default_queue_depth(),
             queue_timeout: default_queue_timeout(),
             timeout: default_inbound_timeout(),
+            stream_idle_timeout: default_stream_idle_timeout(),
         }
     }
 }
@@ -289,6 +298,9 @@ fn default_queue_timeout() -> Duration {
 }
 fn default_inbound_timeout() -> Duration {
     mesh_config::snapshot::DEFAULT_TIMEOUT
+}
+fn default_stream_idle_timeout() -> Duration {
+    mesh_config::snapshot::DEFAULT_STREAM_IDLE_TIMEOUT
 }
 fn default_poll_interval() -> Duration {
     Duration::from_secs(1)

@@ -12,6 +12,7 @@ pub mod control_client;
 pub mod drain;
 pub mod errors;
 pub mod health;
+pub mod idle;
 pub mod inbound;
 pub mod log;
 pub mod metrics;

@@ -50,7 +50,7 @@ const COMMON_STATUS: [u16; 19] = [
 ];
 
 /// Error kinds counted in `agent_errors_total{kind}`: a closed set.
-pub const ERROR_KINDS: [&str; 15] = [
+pub const ERROR_KINDS: [&str; 16] = [
     "no_route",
     "no_authority",
     "no_endpoints",
@@ -61,6 +61,7 @@ pub const ERROR_KINDS: [&str; 15] = [
     "draining",
     "client_reset",
     "upstream_reset",
+    "upstream_idle",
     "upstream_status",
     "breaker_open",
     "request_body",
@@ -221,6 +222,10 @@ impl TargetMetrics {
     }
 
     pub fn error(&self, kind: &'static str) {
+        debug_assert!(
+            ERROR_KINDS.contains(&kind),
+            "error kind {kind} is not counted"
+        );
         if let Some(i) = ERROR_KINDS.iter().position(|&k| k == kind) {
             self.errors[i]
                 .get_or_init(|| metrics::counter!(ERRORS_TOTAL, self.with("kind", kind)))

@@ -22,6 +22,8 @@ pub struct Backend {
     pub phase: Phase,
     pub protocol: Protocol,
     pub timeout: Duration,
+    /// Longest silence inside a response body.
+    pub stream_idle: Duration,
     pub endpoints: EndpointSet,
     pub metrics: Arc<TargetMetrics>,
     pub resilience: Policies,
@@ -163,6 +165,9 @@ impl Compiler {
                 phase: svc.phase,
                 protocol: svc.protocol,
                 timeout: svc.timeout.unwrap_or(snapshot.defaults.timeout),
+                stream_idle: svc
+                    .stream_idle_timeout
+                    .unwrap_or(snapshot.defaults.stream_idle_timeout),
                 endpoints: EndpointSet::new(endpoints).with_ejection(policies.ejection),
                 metrics: TargetMetrics::new("outbound", &self.agent, phase, &svc.name),
                 resilience: policies,

@@ -28,6 +28,7 @@ pub struct ServiceToml {
     protocol: &'static str,
     endpoints: Vec<SocketAddr>,
     timeout: Option<String>,
+    stream_idle_timeout: Option<String>,
     /// `policy = inline table` lines of `[services.resilience]`, e.g. `("retry", "{ max_attempts = 1 }")`.
     resilience: Vec<(String, String)>,
 }
@@ -60,6 +61,7 @@ pub fn service(name: &str) -> ServiceToml {
         protocol: "http1",
         endpoints: Vec::new(),
         timeout: None,
+        stream_idle_timeout: None,
         resilience: Vec::new(),
     }
 }
@@ -113,6 +115,9 @@ impl SnapshotToml {
             if let Some(t) = &s.timeout {
                 let _ = writeln!(out, "timeout = {}", quote(t));
             }
+            if let Some(t) = &s.stream_idle_timeout {
+                let _ = writeln!(out, "stream_idle_timeout = {}", quote(t));
+            }
             if !s.resilience.is_empty() {
                 let _ = writeln!(out, "[services.resilience]");
                 for (policy, table) in &s.resilience {
@@ -152,6 +157,10 @@ impl SnapshotToml {
 // === impl ServiceToml ===
 
 impl ServiceToml {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn endpoint(mut self, addr: SocketAddr) -> Self {
         self.endpoints.push(addr);
         self
@@ -170,6 +179,11 @@ impl ServiceToml {
 
     pub fn timeout(mut self, timeout: &str) -> Self {
         self.timeout = Some(timeout.to_owned());
+        self
+    }
+
+    pub fn stream_idle_timeout(mut self, after: &str) -> Self {
+        self.stream_idle_timeout = Some(after.to_owned());
         self
     }
 

@@ -7,6 +7,7 @@
 //! scenarios in this file run one at a time.
 
 use http::Method;
+use http_body_util::BodyExt;
 use mesh_tests::client::{self, next_data, Reply};
 use mesh_tests::metrics::{self, wait_for_metric};
 use mesh_tests::ollama::{self, gateway_policy, FakeOllama};
@@ -313,6 +314,36 @@ async fn a_caller_that_disconnects_while_served_frees_the_slot_at_once() {
     // The caller hangs up mid-stream: Ollama sees the request go, the next one starts.
     drop(rsp_body);
     drop(conn);
+    ollama.wait_abandoned(1).await;
+    ollama.wait_started(2).await;
+    ollama.release(ollama.chunks_per_generation());
+    assert_eq!(bounded("next", next).await.expect("task").status, 200);
+    ollama.assert_never_overlapped();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_that_falls_silent_is_cut_and_frees_the_slot() {
+    let _serial = one_at_a_time().await;
+    let ollama = ollama::fake().hold().chunks(3).run().await;
+    let callers = vec![("a".to_owned(), "critical"), ("b".to_owned(), "critical")];
+    let policy = gateway_policy(1, "30s", "stream_idle_timeout = \"300ms\"");
+    let gw = gateway(&ollama, &callers, &policy).await;
+
+    let client = client::http1(gw.inbound());
+    let req = request("/api/generate", "a", "stalls");
+    let pending = tokio::spawn(async move { client.send_streaming(req).await });
+    ollama.wait_started(1).await;
+    ollama.release(1);
+    let rsp = bounded("the stream's head", pending).await.expect("task");
+    let mut rsp_body = rsp.into_body();
+    assert!(next_data(&mut rsp_body).await.is_some());
+    let next = generate(gw.inbound(), "b", "next");
+    queued(&gw, 1.0).await;
+
+    // Ollama produces nothing more but keeps the connection: the gateway cuts the stream,
+    // the caller sees it fail, Ollama sees it go, and the queued generation starts.
+    let end = bounded("the cut stream", rsp_body.frame()).await;
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
     ollama.wait_abandoned(1).await;
     ollama.wait_started(2).await;
     ollama.release(ollama.chunks_per_generation());

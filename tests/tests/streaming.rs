@@ -2,30 +2,34 @@
 //! has not yet produced the next one.
 
 use http::Method;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use mesh_tests::body::BodySender;
 use mesh_tests::client::{self, next_data, Client};
-use mesh_tests::proxy;
-use mesh_tests::server;
-use mesh_tests::snapshot::{service, snapshot};
+use mesh_tests::metrics::{metric_value, scrape};
+use mesh_tests::proxy::{self, TestProxy};
+use mesh_tests::server::{self, Server};
+use mesh_tests::snapshot::{service, snapshot, ServiceToml};
 use mesh_tests::{body, bounded};
 
-async fn first_chunk_arrives_before_the_last_is_produced(
+/// A sidecar in front of a streaming upstream (service `svc`, endpoint added here) and one
+/// POST streamed through it: returns the proxy, the caller's body with the upstream's first
+/// chunk `token-1 ` already read from it, and the upstream's side of the stream.
+async fn stream_first_token(
+    svc: ServiceToml,
     make_client: fn(std::net::SocketAddr) -> Client,
-    h2_upstream: bool,
-) {
+) -> (TestProxy, Incoming, BodySender, Server) {
     let up = server::streaming().label("tokens").run().await;
-    let mut svc = service("llm").endpoint(up.addr());
-    if h2_upstream {
-        svc = svc.http2();
-    }
+    let name = svc.name().to_owned();
     let proxy = proxy::builder()
         .agent("a")
-        .snapshot(snapshot(1).service(svc).to_toml())
+        .snapshot(snapshot(1).service(svc.endpoint(up.addr())).to_toml())
         .start()
         .await;
     let client = make_client(proxy.outbound());
 
     let req = client
-        .request(Method::POST, "llm", "/generate")
+        .request(Method::POST, &name, "/generate")
         .body(body::full("prompt"))
         .unwrap();
     // The response head may wait for the first chunk, so the request runs on its own.
@@ -43,6 +47,18 @@ async fn first_chunk_arrives_before_the_last_is_produced(
         next_data(&mut rsp_body).await.as_deref(),
         Some(&b"token-1 "[..])
     );
+    (proxy, rsp_body, upstream, up)
+}
+
+async fn first_chunk_arrives_before_the_last_is_produced(
+    make_client: fn(std::net::SocketAddr) -> Client,
+    h2_upstream: bool,
+) {
+    let mut svc = service("llm");
+    if h2_upstream {
+        svc = svc.http2();
+    }
+    let (_proxy, mut rsp_body, upstream, _up) = stream_first_token(svc, make_client).await;
 
     upstream.send("token-2 ");
     assert_eq!(
@@ -68,4 +84,25 @@ async fn http1_first_chunk_reaches_caller_before_upstream_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2c_first_chunk_reaches_caller_before_upstream_finishes() {
     first_chunk_arrives_before_the_last_is_produced(client::http2, true).await;
+}
+
+/// The route timeout bounds the wait for the head only; a stream that falls silent afterwards
+/// is cut once it has sent nothing for the service's `stream_idle_timeout`, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_falls_silent_is_cut_after_the_idle_timeout() {
+    let svc = service("stalls").stream_idle_timeout("300ms");
+    let (proxy, mut rsp_body, upstream, _up) = stream_first_token(svc, client::http1).await;
+
+    // The upstream keeps its connection open and sends nothing more: the caller sees the
+    // stream end in an error, not hang and not a clean (truncated) end.
+    let end = bounded("the cut stream", rsp_body.frame()).await;
+    assert!(matches!(end, Some(Err(_))), "{end:?}");
+    let text = scrape(proxy.admin()).await;
+    let labels = [("target", "stalls"), ("kind", "upstream_idle")];
+    assert_eq!(
+        metric_value(&text, "agent_errors_total", &labels),
+        Some(1.0),
+        "{text}"
+    );
+    drop(upstream);
 }

@@ -29,6 +29,7 @@ impl LocalTargetLayer {
             phase: boot.phase,
             protocol: Protocol::Http1,
             timeout: boot.inbound.timeout,
+            stream_idle: boot.inbound.stream_idle_timeout,
             endpoints: EndpointSet::new(vec![Arc::new(Endpoint::new(boot.inbound.app))]),
             resilience: Default::default(),
             ollama_rate: None,

@@ -178,6 +178,7 @@ where
                 _ => {
                     strip_hop_by_hop(rsp.headers_mut(), false);
                     let mut rsp = rsp.map(ProxyBody::upstream);
+                    rsp.body_mut().idle_timeout(attempt.backend.stream_idle);
                     if let Some(conn) = conn {
                         rsp.body_mut().return_conn(conn);
                     }

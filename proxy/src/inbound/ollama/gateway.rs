@@ -119,19 +119,22 @@ impl Shared {
             }
         })?;
         let timeout = caller.limits.timeout.unwrap_or(policy.params.timeout);
+        let idle = policy.params.stream_idle_timeout;
         if api == Api::Bypass {
-            return self.forward(parts, body, timeout).await;
+            return self.forward(parts, body, timeout, idle).await;
         }
 
         let mut slot = self.admit(&caller, policy.params.queue_timeout).await?;
-        match self.forward(parts, body, timeout).await {
+        match self.forward(parts, body, timeout, idle).await {
             Ok(mut rsp) => {
                 slot.set_outcome(Outcome::Succeeded);
                 rsp.body_mut().on_end(move |error| {
                     let mut slot = slot;
                     match error {
                         None => {}
-                        Some("upstream_reset") => slot.set_outcome(Outcome::Failed),
+                        Some("upstream_reset" | "upstream_idle") => {
+                            slot.set_outcome(Outcome::Failed)
+                        }
                         Some(_) => slot.set_outcome(Outcome::Cancelled),
                     }
                 });
@@ -233,6 +236,7 @@ impl Shared {
         mut parts: http::request::Parts,
         body: Bytes,
         timeout: Duration,
+        idle: Duration,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         strip_hop_by_hop(&mut parts.headers, false);
         parts.headers.remove(CALLER_HEADER);
@@ -277,7 +281,9 @@ impl Shared {
             }
         };
         strip_hop_by_hop(rsp.headers_mut(), false);
-        Ok(rsp.map(ProxyBody::upstream))
+        let mut rsp = rsp.map(ProxyBody::upstream);
+        rsp.body_mut().idle_timeout(idle);
+        Ok(rsp)
     }
 }
 
