@@ -52,6 +52,34 @@ async fn h2c_request_is_routed_by_authority() {
     assert_eq!((b.requests(), c.requests()), (0, 1));
 }
 
+/// The upstream sees the authority the caller named, not the endpoint's address: over HTTP/1.1
+/// an origin-form target with the caller's `Host` (an absolute-form target's authority would
+/// override `Host`), over HTTP/2 the caller's `:authority` and no `Host` beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_sees_the_callers_authority_over_http1_and_http2() {
+    let h1 = server::echo().label("h1").run().await;
+    let h2 = server::echo().label("h2").run().await;
+    let snap = snapshot(1)
+        .service(service("vh-one").endpoint(h1.addr()))
+        .service(service("vh-two").endpoint(h2.addr()).http2());
+    let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
+    for c in [
+        client::http1(proxy.outbound()),
+        client::http2(proxy.outbound()),
+    ] {
+        let one = c.get("vh-one.mesh", "/a?b=1").await.json();
+        assert_eq!(one["version"], "HTTP/1.1");
+        assert_eq!(one["authority"], serde_json::Value::Null, "{one}");
+        assert_eq!(one["host"], "vh-one.mesh");
+        assert_eq!(one["path"], "/a?b=1");
+
+        let two = c.get("vh-two.mesh", "/c").await.json();
+        assert_eq!(two["version"], "HTTP/2.0");
+        assert_eq!(two["authority"], "vh-two.mesh", "{two}");
+        assert!(two["headers"].get("host").is_none(), "{two}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_and_consul_authorities_name_the_same_service() {
     let b = server::echo().label("b").run().await;

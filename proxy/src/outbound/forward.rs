@@ -215,20 +215,21 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|v| contains_token(v, "upgrade"))
 }
 
-/// Points the request at the endpoint, keeping the caller's authority as `Host`.
+/// Readies the request for the endpoint's connection (the connection, not the URI, says where
+/// it goes). The caller's authority stays the request's authority: HTTP/1.1 gets origin-form
+/// (`GET /path`) with the caller's `Host`, since a server must prefer an absolute-form target's
+/// authority over `Host` (RFC 9112 3.2.2); HTTP/2 gets it as `:authority` and no `Host`, which
+/// a server may refuse when the two differ (RFC 9113 8.3.1).
 fn rewrite<B>(
     req: &mut Request<B>,
     endpoint: &http::uri::Authority,
     protocol: Protocol,
     upgrade: bool,
 ) -> Result<(), ProxyError> {
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(authority) = req.uri().authority() {
-            if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-                req.headers_mut().insert(header::HOST, host);
-            }
-        }
-    }
+    let authority = match req.headers().get(header::HOST) {
+        Some(host) => http::uri::Authority::try_from(host.as_bytes()).ok(),
+        None => req.uri().authority().cloned(),
+    };
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let path = req
         .uri()
@@ -236,14 +237,31 @@ fn rewrite<B>(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(endpoint.clone());
+    match protocol {
+        Protocol::Http1 => {
+            if let (false, Some(authority)) = (req.headers().contains_key(header::HOST), &authority)
+            {
+                if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+            }
+            *req.version_mut() = Version::HTTP_11;
+        }
+        Protocol::Http2 => {
+            parts.scheme = Some(Scheme::HTTP);
+            parts.authority = Some(match authority {
+                Some(authority) => {
+                    req.headers_mut().remove(header::HOST);
+                    authority
+                }
+                // A `Host` that is no valid authority goes as it came, beside the endpoint's.
+                None => endpoint.clone(),
+            });
+            *req.version_mut() = Version::HTTP_2;
+        }
+    }
     parts.path_and_query = Some(path);
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| ProxyError::NoAuthority)?;
-    *req.version_mut() = match protocol {
-        Protocol::Http1 => Version::HTTP_11,
-        Protocol::Http2 => Version::HTTP_2,
-    };
     Ok(())
 }
 
