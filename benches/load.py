@@ -46,8 +46,9 @@ TARGET_RSS_IDLE_MIB = 8.0
 TARGET_RSS_LOAD_MIB = 20.0
 
 ALL_SCENARIOS = ["direct", "mesh-1hop", "mesh-1hop-nolog", "mesh-2hop-h1", "mesh-2hop-h2",
-                 "haproxy", "nginx-proxy"]
-MESH_SCENARIOS = {"mesh-1hop", "mesh-1hop-nolog", "mesh-2hop-h1", "mesh-2hop-h2"}
+                 "haproxy", "nginx-proxy", "mesh-1hop-h2up", "haproxy-h2up"]
+MESH_SCENARIOS = {"mesh-1hop", "mesh-1hop-nolog", "mesh-2hop-h1", "mesh-2hop-h2",
+                  "mesh-1hop-h2up"}
 
 
 def log(msg):
@@ -201,10 +202,12 @@ http {{
     return prefix, path
 
 
-def start_upstream(procs, tmp, port):
+def start_upstream(procs, tmp, port, h2_port):
+    """The one upstream: HTTP/1.1 on `port`, HTTP/2 with prior knowledge (h2c) on `h2_port`."""
     block = f"""
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
+        listen 127.0.0.1:{h2_port} http2 backlog=4096;
         default_type text/plain;
         location / {{ return 200 "{BODY[:-1]}\\n"; }}
     }}"""
@@ -239,7 +242,8 @@ def start_nginx_proxy(procs, tmp, port, upstream_port):
     return [p]
 
 
-def start_haproxy(procs, tmp, port, upstream_port):
+def start_haproxy(procs, tmp, port, upstream_port, h2=False):
+    proto = " proto h2" if h2 else ""
     cfg = f"""
 global
     nbthread 1
@@ -259,7 +263,7 @@ frontend fe
     default_backend be
 
 backend be
-    server up 127.0.0.1:{upstream_port} pool-max-conn 64
+    server up 127.0.0.1:{upstream_port} pool-max-conn 64{proto}
 """
     path = os.path.join(tmp, "haproxy.cfg")
     with open(path, "w") as f:
@@ -308,9 +312,10 @@ def start_mesh(procs, tmp, proxy_bin, agent, outbound, admin, services, inbound=
     return p
 
 
-def start_mesh_1hop(procs, tmp, proxy_bin, port, upstream_port, access_log=True):
+def start_mesh_1hop(procs, tmp, proxy_bin, port, upstream_port, access_log=True,
+                    protocol="http1"):
     p = start_mesh(procs, tmp, proxy_bin, "bench-client", port, free_port(),
-                   [("upstream", "http1", [upstream_port])], access_log=access_log)
+                   [("upstream", protocol, [upstream_port])], access_log=access_log)
     wait_ready(p, port, host="upstream", expect_body=BODY.encode())
     return [p]
 
@@ -475,7 +480,7 @@ def measure(name, subjects, upstream, port, args):
     return r
 
 
-def run_scenario(name, procs, tmp, args, upstream_port, upstream, rnd):
+def run_scenario(name, procs, tmp, args, upstream_port, upstream_h2_port, upstream, rnd):
     port = free_port()
     tmp = os.path.join(tmp, f"{name}-{rnd + 1}")
     os.makedirs(tmp, exist_ok=True)
@@ -483,6 +488,11 @@ def run_scenario(name, procs, tmp, args, upstream_port, upstream, rnd):
         return measure(name, [upstream], upstream, upstream_port, args)
     if name == "haproxy":
         subjects = start_haproxy(procs, tmp, port, upstream_port)
+    elif name == "haproxy-h2up":
+        subjects = start_haproxy(procs, tmp, port, upstream_h2_port, h2=True)
+    elif name == "mesh-1hop-h2up":
+        subjects = start_mesh_1hop(procs, tmp, args.proxy_bin, port, upstream_h2_port,
+                                   protocol="http2")
     elif name == "nginx-proxy":
         subjects = start_nginx_proxy(procs, tmp, port, upstream_port)
     elif name == "mesh-1hop":
@@ -670,6 +680,12 @@ def targets(results):
     peak = mib(m["rss_hwm_kib"][0])
     check(f"RSS under load (VmHWM) <= {TARGET_RSS_LOAD_MIB} MiB", peak <= TARGET_RSS_LOAD_MIB,
           f"{peak:.1f} MiB")
+    m2, h2 = by.get("mesh-1hop-h2up"), by.get("haproxy-h2up")
+    if m2 and h2:
+        lines.append(f"- [info] to the same upstream over h2c: mesh-1hop-h2up "
+                     f"{m2['wrk']['rps'] / h2['wrk']['rps']:.2f}x haproxy-h2up, "
+                     f"CPU {m2['cpu_us_per_req']:.1f} us/request "
+                     f"(haproxy-h2up {h2['cpu_us_per_req']:.1f})")
     return lines
 
 
@@ -758,7 +774,8 @@ def main():
     load_before = os.getloadavg()
     try:
         upstream_port = free_port()
-        upstream = start_upstream(procs, tmp, upstream_port)
+        upstream_h2_port = free_port()
+        upstream = start_upstream(procs, tmp, upstream_port, upstream_h2_port)
         # Rounds interleave the scenarios, so that drift (other work on the machine, CPU
         # frequency) spreads over all of them instead of hitting one.
         for rnd in range(args.repeat):
@@ -771,7 +788,8 @@ def main():
                 log(f"{name}: round {rnd + 1}/{args.repeat}")
                 try:
                     rounds[name].append(
-                        run_scenario(name, procs, tmp, args, upstream_port, upstream, rnd))
+                        run_scenario(name, procs, tmp, args, upstream_port, upstream_h2_port,
+                                     upstream, rnd))
                 except (RuntimeError, subprocess.CalledProcessError, KeyError, ValueError) as e:
                     detail = getattr(e, "stderr", None) or ""
                     log(f"{name}: FAILED: {e} {detail}")
