@@ -88,21 +88,35 @@ async fn h2c_first_chunk_reaches_caller_before_upstream_finishes() {
 
 /// The route timeout bounds the wait for the head only; a stream that falls silent afterwards
 /// is cut once it has sent nothing for the service's `stream_idle_timeout`, and counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_that_falls_silent_is_cut_after_the_idle_timeout() {
-    let svc = service("stalls").stream_idle_timeout("300ms");
-    let (proxy, mut rsp_body, upstream, _up) = stream_first_token(svc, client::http1).await;
+async fn a_stream_that_falls_silent_is_cut(
+    name: &str,
+    make_client: fn(std::net::SocketAddr) -> Client,
+) {
+    // A service of its own per test: the tests of one binary share one metrics recorder.
+    let svc = service(name).stream_idle_timeout("300ms");
+    let (proxy, mut rsp_body, upstream, _up) = stream_first_token(svc, make_client).await;
 
     // The upstream keeps its connection open and sends nothing more: the caller sees the
-    // stream end in an error, not hang and not a clean (truncated) end.
+    // stream end in an error (HTTP/1.1: the connection closes mid-body; HTTP/2: RST_STREAM),
+    // not hang and not a clean (truncated) end.
     let end = bounded("the cut stream", rsp_body.frame()).await;
     assert!(matches!(end, Some(Err(_))), "{end:?}");
     let text = scrape(proxy.admin()).await;
-    let labels = [("target", "stalls"), ("kind", "upstream_idle")];
+    let labels = [("target", name), ("kind", "upstream_idle")];
     assert_eq!(
         metric_value(&text, "agent_errors_total", &labels),
         Some(1.0),
         "{text}"
     );
     drop(upstream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_a_stream_that_falls_silent_is_cut_after_the_idle_timeout() {
+    a_stream_that_falls_silent_is_cut("stalls-h1", client::http1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_a_stream_that_falls_silent_is_cut_after_the_idle_timeout() {
+    a_stream_that_falls_silent_is_cut("stalls-h2", client::http2).await;
 }
