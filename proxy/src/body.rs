@@ -3,6 +3,7 @@
 
 use crate::access_log::AccessRecord;
 use crate::idle::{IdleTimeout, IdleTimer};
+use crate::outbound::settle::Settle;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -26,6 +27,8 @@ pub struct ProxyBody {
     /// The upstream connection, returned to its pool when the body ends.
     conn: Option<crate::outbound::pool::Checkin>,
     idle: Option<IdleTimer>,
+    /// Outcomes judged when the body ends: the target's breaker and the endpoint's.
+    settle: [Option<Settle>; 2],
 }
 
 /// Runs once when the body ends: with `None` when it ended cleanly, else the error kind
@@ -72,6 +75,17 @@ impl ProxyBody {
             on_end: None,
             conn: None,
             idle: None,
+            settle: [None, None],
+        }
+    }
+
+    /// Reports `outcome` when the body ends: a success if it ends whole, a failure if the
+    /// upstream breaks it off.
+    pub fn settle_at_end(&mut self, outcome: Settle) {
+        match self.settle.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(outcome),
+            // Two layers judge an answer; a third has nowhere to wait, so it is told now.
+            None => outcome.finish(Settle::class(None, true)),
         }
     }
 
@@ -114,6 +128,12 @@ impl ProxyBody {
     fn end(&mut self, error: Option<&'static str>) {
         self.permit = None;
         self.conn = None;
+        if self.settle.iter().any(Option::is_some) {
+            let class = Settle::class(error, self.inner_is_end());
+            for outcome in self.settle.iter_mut().filter_map(Option::take) {
+                outcome.finish(class);
+            }
+        }
         if let Some(OnEnd(f)) = self.on_end.take() {
             // A body that was complete before anyone polled it was not cut short.
             f(error.filter(|_| !self.inner_is_end()));
@@ -189,7 +209,8 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
-        if self.record.is_some() || self.on_end.is_some() {
+        if self.record.is_some() || self.on_end.is_some() || self.settle.iter().any(Option::is_some)
+        {
             self.end(Some("client_reset"));
         }
     }

@@ -2,6 +2,7 @@
 //! configured fallback (no request reaches the upstream), half-opens after the cool-down and
 //! closes when the probe succeeds.
 
+use http_body_util::BodyExt;
 use mesh_tests::client;
 use mesh_tests::metrics::{metric_value, scrape};
 use mesh_tests::proxy::{self, TestProxy};
@@ -120,5 +121,36 @@ async fn fallback_target_takes_the_request_while_open() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header(SERVED_BY), Some("brk-alt"));
     assert_eq!(reply.json()["path"], "/x");
+    assert_eq!(up.requests(), 3);
+}
+
+/// A 200 head whose stream the upstream then lets fall silent is a failure too: outcomes of
+/// answers that look fine by their status are judged when the body ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_broken_off_after_a_good_head_open_it() {
+    let up = server::streaming().label("brk-s").run().await;
+    let snap = snapshot(1).service(breaking("brk-s", &up).stream_idle_timeout("200ms"));
+    let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
+    let c = client::http1(proxy.outbound());
+    for _ in 0..3 {
+        let req = c
+            .request(http::Method::GET, "brk-s", "/")
+            .body(mesh_tests::body::empty())
+            .unwrap();
+        let pending = tokio::spawn(async move { c.send_streaming(req).await });
+        let upstream = up.next_stream().await;
+        upstream.send("first");
+        let rsp = mesh_tests::bounded("the head", pending)
+            .await
+            .expect("task");
+        assert_eq!(rsp.status(), 200);
+        // The caller reads until the sidecar cuts the silent stream.
+        let mut body = rsp.into_body();
+        while let Some(Ok(_)) = mesh_tests::bounded("a frame", body.frame()).await {}
+        drop(upstream);
+    }
+    wait_state(proxy.admin(), "brk-s", "", 1.0).await;
+    let reply = c.get("brk-s", "/").await;
+    assert_eq!(reply.json()["error"], "breaker_open", "{}", reply.text());
     assert_eq!(up.requests(), 3);
 }

@@ -43,7 +43,7 @@ pub struct EndpointSet {
 }
 
 /// An endpoint chosen for one attempt, with its breaker's admission.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Picked {
     pub index: usize,
     pub endpoint: Arc<Endpoint>,

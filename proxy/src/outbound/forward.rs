@@ -10,6 +10,7 @@ use crate::outbound::deadline::Deadline;
 use crate::outbound::pool::Pools;
 use crate::outbound::replay::RequestBody;
 use crate::outbound::retry::{Tried, TryDeadline};
+use crate::outbound::settle::Settle;
 use crate::state::{Backend, Route};
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -44,6 +45,15 @@ struct Attempt {
 }
 
 impl Attempt {
+    /// Hands the outcome over to the response body, unless it is already known.
+    fn settle_at_end(&mut self) -> Option<Settle> {
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        Some(Settle::Endpoint(self.backend.clone(), self.picked.clone()))
+    }
+
     fn finish(&mut self, class: Class) {
         self.done = true;
         self.backend
@@ -142,12 +152,9 @@ where
             let (mut rsp, conn) = match sent.await {
                 Ok((rsp, conn)) => {
                     inflight.responded();
-                    let class = if failures.contains(rsp.status().as_u16()) {
-                        Class::Failure
-                    } else {
-                        Class::Success
-                    };
-                    attempt.finish(class);
+                    if failures.contains(rsp.status().as_u16()) {
+                        attempt.finish(Class::Failure);
+                    }
                     (rsp, conn)
                 }
                 Err(e) => {
@@ -168,6 +175,9 @@ where
             };
             match upgrade {
                 Some(downstream) if rsp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                    if !attempt.done {
+                        attempt.finish(Class::Success);
+                    }
                     let upstream = hyper::upgrade::on(&mut rsp);
                     tokio::spawn(tunnel(downstream, upstream));
                     if let Some(conn) = conn {
@@ -179,6 +189,9 @@ where
                     strip_hop_by_hop(rsp.headers_mut(), false);
                     let mut rsp = rsp.map(ProxyBody::upstream);
                     rsp.body_mut().idle_timeout(attempt.backend.stream_idle);
+                    if let Some(outcome) = attempt.settle_at_end() {
+                        rsp.body_mut().settle_at_end(outcome);
+                    }
                     if let Some(conn) = conn {
                         rsp.body_mut().return_conn(conn);
                     }

@@ -16,6 +16,7 @@ pub mod replay;
 pub mod resilience;
 pub mod retry;
 pub mod route;
+pub mod settle;
 pub mod tee;
 pub mod timeout;
 

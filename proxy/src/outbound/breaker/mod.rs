@@ -13,6 +13,7 @@ use crate::outbound::classify::StatusSet;
 use crate::outbound::deadline::Deadline;
 use crate::outbound::fallback::Fallback;
 use crate::outbound::retry::TryDeadline;
+use crate::outbound::settle::Settle;
 use crate::state::{Route, State};
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
@@ -153,11 +154,15 @@ where
         done: false,
     };
     Box::pin(async move {
-        let res = fut.await;
+        let mut res = fut.await;
         pending.done = true;
-        pending
-            .breaker
-            .record(pending.admit, classify(&res, &failures));
+        match (classify(&res, &failures), res.as_mut()) {
+            // A good head: the body's end decides.
+            (Class::Success, Ok(rsp)) => rsp
+                .body_mut()
+                .settle_at_end(Settle::Target(pending.breaker.clone(), pending.admit)),
+            (class, _) => pending.breaker.record(pending.admit, class),
+        }
         res
     })
 }
