@@ -15,6 +15,17 @@ use tokio::sync::OwnedSemaphorePermit;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The upstream reset the body mid-stream.
+pub const UPSTREAM_RESET: &str = "upstream_reset";
+/// The upstream sent nothing for the idle timeout and the body was cut.
+pub const UPSTREAM_IDLE: &str = "upstream_idle";
+
+/// Whether a body's end kind says the upstream broke the answer off (rather than the caller
+/// leaving): what breakers and the Ollama gateway count as a failed answer.
+pub fn broken_by_upstream(kind: &str) -> bool {
+    kind == UPSTREAM_RESET || kind == UPSTREAM_IDLE
+}
+
 /// A streaming response body. Dropping it before the end is a caller reset: the access record
 /// notes it, and held permits are released at once.
 #[derive(Debug)]
@@ -170,7 +181,7 @@ impl Body for ProxyBody {
                     }
                     let after = idle.after();
                     this.idle = None;
-                    this.end(Some("upstream_idle"));
+                    this.end(Some(UPSTREAM_IDLE));
                     // Dropping the upstream body now closes its stream or connection.
                     this.inner = Inner::Local(Full::new(Bytes::new()));
                     return Poll::Ready(Some(Err(IdleTimeout(after).into())));
@@ -189,7 +200,7 @@ impl Body for ProxyBody {
                     this.end(None);
                 }
             }
-            Some(Err(_)) => this.end(Some("upstream_reset")),
+            Some(Err(_)) => this.end(Some(UPSTREAM_RESET)),
             None => this.end(None),
         }
         Poll::Ready(frame)

@@ -6,10 +6,18 @@ use mesh_tests::client;
 use mesh_tests::h2_peer::{self, Refusal};
 use mesh_tests::proxy;
 use mesh_tests::server::{self, SERVED_BY};
-use mesh_tests::snapshot::{route, service, snapshot};
+use mesh_tests::snapshot::{route, service, snapshot, ServiceToml};
 
 /// Retries on, breakers and ejection off, so every attempt reaches an upstream.
 const RETRY: &str = "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"5ms\" }";
+
+/// Service `name` with `retry` as its retry policy and no breaker or ejection in the way.
+fn retrying(name: &str, retry: &str) -> ServiceToml {
+    service(name)
+        .policy("retry", retry)
+        .policy("breaker", "{ enabled = false }")
+        .policy("ejection", "{ enabled = false }")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_lands_on_the_other_endpoint() {
@@ -18,12 +26,9 @@ async fn a_retry_lands_on_the_other_endpoint() {
     let x = server::fixed(200, "x").label("x").fail_first(1).run().await;
     let y = server::fixed(200, "y").label("y").fail_first(1).run().await;
     let snap = snapshot(1).service(
-        service("rt-a")
+        retrying("rt-a", RETRY)
             .endpoint(x.addr())
-            .endpoint(y.addr())
-            .policy("retry", RETRY)
-            .policy("breaker", "{ enabled = false }")
-            .policy("ejection", "{ enabled = false }"),
+            .endpoint(y.addr()),
     );
     let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
 
@@ -40,13 +45,7 @@ async fn post_is_replayed_only_with_opt_in() {
         .fail_first(2)
         .run()
         .await;
-    let snap = snapshot(1).service(
-        service("rt-p")
-            .endpoint(up.addr())
-            .policy("retry", RETRY)
-            .policy("breaker", "{ enabled = false }")
-            .policy("ejection", "{ enabled = false }"),
-    );
+    let snap = snapshot(1).service(retrying("rt-p", RETRY).endpoint(up.addr()));
     let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
     let c = client::http1(proxy.outbound());
 
@@ -80,13 +79,7 @@ async fn a_route_rule_opts_its_posts_into_retries() {
         .run()
         .await;
     let snap = snapshot(1)
-        .service(
-            service("rt-r")
-                .endpoint(up.addr())
-                .policy("retry", RETRY)
-                .policy("breaker", "{ enabled = false }")
-                .policy("ejection", "{ enabled = false }"),
-        )
+        .service(retrying("rt-r", RETRY).endpoint(up.addr()))
         .route(
             route("rt-r", "rt-r")
                 .path_prefix("/jobs/")
@@ -118,14 +111,11 @@ async fn budget_stops_a_retry_storm() {
     let up = server::fixed(200, "ok").label("down").run().await;
     up.set_failing(true);
     let snap = snapshot(1).service(
-        service("rt-b")
-            .endpoint(up.addr())
-            .policy(
-                "retry",
-                "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"1ms\", budget_ratio = 0.2, budget_min_per_second = 0 }",
-            )
-            .policy("breaker", "{ enabled = false }")
-            .policy("ejection", "{ enabled = false }"),
+        retrying(
+            "rt-b",
+            "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"1ms\", budget_ratio = 0.2, budget_min_per_second = 0 }",
+        )
+        .endpoint(up.addr()),
     );
     let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
     let c = client::http1(proxy.outbound());
@@ -150,13 +140,7 @@ async fn budget_stops_a_retry_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_post_streams_at_once_and_is_replayed_after_a_503() {
     let up = server::echo_body().label("c").fail_first(1).run().await;
-    let snap = snapshot(1).service(
-        service("rt-c")
-            .endpoint(up.addr())
-            .policy("retry", RETRY)
-            .policy("breaker", "{ enabled = false }")
-            .policy("ejection", "{ enabled = false }"),
-    );
+    let snap = snapshot(1).service(retrying("rt-c", RETRY).endpoint(up.addr()));
     let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
     let c = client::http1(proxy.outbound());
 
@@ -187,14 +171,11 @@ async fn a_chunked_post_streams_at_once_and_is_replayed_after_a_503() {
 async fn a_chunked_body_over_the_bound_is_sent_once() {
     let up = server::echo_body().label("o").fail_first(1).run().await;
     let snap = snapshot(1).service(
-        service("rt-o")
-            .endpoint(up.addr())
-            .policy(
-                "retry",
-                "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"5ms\", max_body_bytes = 16 }",
-            )
-            .policy("breaker", "{ enabled = false }")
-            .policy("ejection", "{ enabled = false }"),
+        retrying(
+            "rt-o",
+            "{ max_attempts = 3, backoff = \"1ms\", max_backoff = \"5ms\", max_body_bytes = 16 }",
+        )
+        .endpoint(up.addr()),
     );
     let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
     let c = client::http1(proxy.outbound());
@@ -218,14 +199,7 @@ async fn a_post_turned_away_unprocessed_is_sent_again(
     svc: &str,
 ) -> h2_peer::Peer {
     let peer = h2_peer::refusing_first(refusal).await;
-    let snap = snapshot(1).service(
-        service(svc)
-            .endpoint(peer.addr())
-            .http2()
-            .policy("retry", RETRY)
-            .policy("breaker", "{ enabled = false }")
-            .policy("ejection", "{ enabled = false }"),
-    );
+    let snap = snapshot(1).service(retrying(svc, RETRY).endpoint(peer.addr()).http2());
     let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
     let c = client::http1(proxy.outbound());
     let req = c

@@ -2,6 +2,7 @@
 //! its stream then breaks (the upstream reset it or fell silent), so an answer that is not a
 //! failure by its status is judged when its body ends, as linkerd classifies at end of stream.
 
+use crate::body::broken_by_upstream;
 use crate::outbound::balance::Picked;
 use crate::outbound::breaker::machine::{Admit, Breaker, Class};
 use crate::state::Backend;
@@ -31,7 +32,7 @@ impl Settle {
     pub fn class(error: Option<&str>, complete: bool) -> Class {
         match error {
             None => Class::Success,
-            Some("upstream_reset" | "upstream_idle") => Class::Failure,
+            Some(kind) if broken_by_upstream(kind) => Class::Failure,
             Some(_) if complete => Class::Success,
             Some(_) => Class::Cancelled,
         }

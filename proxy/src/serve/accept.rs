@@ -22,6 +22,7 @@ pub fn server_builder(limits: &Limits) -> Arc<ServerBuilder> {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
+        // Head and a small body in one write: a vectored write costs the kernel more.
         .writev(false)
         .keep_alive(true);
     builder

@@ -5,7 +5,7 @@
 use super::dispatch::{Admission, Cmd, Handle, Outcome, Reason, Refusal, Slot};
 use super::limits::{self, Api};
 use super::{Caller, Policy};
-use crate::body::ProxyBody;
+use crate::body::{broken_by_upstream, ProxyBody};
 use crate::bootstrap::Bootstrap;
 use crate::errors::ProxyError;
 use crate::outbound::forward::{error_chain, strip_hop_by_hop};
@@ -132,9 +132,7 @@ impl Shared {
                     let mut slot = slot;
                     match error {
                         None => {}
-                        Some("upstream_reset" | "upstream_idle") => {
-                            slot.set_outcome(Outcome::Failed)
-                        }
+                        Some(kind) if broken_by_upstream(kind) => slot.set_outcome(Outcome::Failed),
                         Some(_) => slot.set_outcome(Outcome::Cancelled),
                     }
                 });

@@ -228,13 +228,7 @@ impl Task {
                             None => return,
                         },
                         _ = tick(&mut credit) => {
-                            let n = self.gate.successes.swap(0, AcqRel);
-                            if let (Some(r), true) = (ratio.as_mut(), n > 0) {
-                                r.succeeded(n, Instant::now());
-                            }
-                            if let (Some(c), true) = (consecutive.as_mut(), n > 0) {
-                                c.record(false);
-                            }
+                            self.credit(&mut consecutive, &mut ratio, Instant::now());
                             continue;
                         }
                     };
@@ -244,15 +238,7 @@ impl Task {
                     let failed = o.class == Class::Failure;
                     let now = Instant::now();
                     // Successes counted since the last look came before this outcome was read.
-                    let n = self.gate.successes.swap(0, AcqRel);
-                    if n > 0 {
-                        if let Some(c) = consecutive.as_mut() {
-                            c.record(false);
-                        }
-                        if let Some(r) = ratio.as_mut() {
-                            r.succeeded(n, now);
-                        }
-                    }
+                    self.credit(&mut consecutive, &mut ratio, now);
                     let by_count = consecutive.as_mut().is_some_and(|c| c.record(failed));
                     let by_ratio = ratio.as_mut().is_some_and(|r| r.record(failed, now));
                     if !(by_count || by_ratio) {
@@ -272,9 +258,8 @@ impl Task {
                         Relaxed,
                     );
                     self.transition(BreakerState::Open, Some(cooldown));
-                    // Successes of requests admitted before the trip say nothing new either.
-                    self.gate.successes.store(0, Release);
                     // Outcomes of requests admitted before the trip say nothing new.
+                    self.gate.successes.store(0, Release);
                     let sleep = tokio::time::sleep_until(until);
                     tokio::pin!(sleep);
                     loop {
@@ -322,6 +307,25 @@ impl Task {
                     next
                 }
             };
+        }
+    }
+
+    /// Takes the successes counted in the gate into the policies, as of `now`.
+    fn credit(
+        &self,
+        consecutive: &mut Option<ConsecutiveFailures>,
+        ratio: &mut Option<FailureRatio>,
+        now: Instant,
+    ) {
+        let n = self.gate.successes.swap(0, AcqRel);
+        if n == 0 {
+            return;
+        }
+        if let Some(c) = consecutive.as_mut() {
+            c.record(false);
+        }
+        if let Some(r) = ratio.as_mut() {
+            r.succeeded(n, now);
         }
     }
 
