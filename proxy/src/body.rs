@@ -5,6 +5,7 @@ use crate::access_log::AccessRecord;
 use crate::idle::{IdleTimeout, IdleTimer};
 use crate::outbound::settle::Settle;
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -56,6 +57,8 @@ impl std::fmt::Debug for OnEnd {
 enum Inner {
     Upstream(Incoming),
     Local(Full<Bytes>),
+    /// An upstream answer read whole before it was passed on: its data, then its trailers.
+    Whole(Option<Bytes>, Option<HeaderMap>),
 }
 
 // === impl ProxyBody ===
@@ -75,6 +78,12 @@ impl ProxyBody {
 
     pub fn empty() -> Self {
         Self::new(Inner::Local(Full::new(Bytes::new())))
+    }
+
+    /// An upstream answer that was read whole: `data`, then `trailers` if it had any.
+    pub fn whole(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        let data = (!data.is_empty()).then_some(data);
+        Self::new(Inner::Whole(data, trailers))
     }
 
     fn new(inner: Inner) -> Self {
@@ -133,6 +142,7 @@ impl ProxyBody {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
             Inner::Local(b) => b.is_end_stream(),
+            Inner::Whole(data, trailers) => data.is_none() && trailers.is_none(),
         }
     }
 
@@ -190,6 +200,10 @@ impl Body for ProxyBody {
             Inner::Local(b) => {
                 ready!(Pin::new(b).poll_frame(cx)).map(|r| r.map_err(|e| match e {}))
             }
+            Inner::Whole(data, trailers) => match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            },
         };
         match &frame {
             Some(Ok(f)) => {
@@ -214,6 +228,9 @@ impl Body for ProxyBody {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
             Inner::Local(b) => b.size_hint(),
+            Inner::Whole(data, _) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len()) as u64)
+            }
         }
     }
 }

@@ -235,6 +235,21 @@ impl EndpointSet {
         }
     }
 
+    /// An attempt the endpoint refused (no connection could be made): a failure for its
+    /// breaker, and ejection at once, within the target's ejection share.
+    pub fn refused(&self, picked: &Picked, target: &str) {
+        if let (Some(admit), Some(b)) = (picked.admit, &picked.endpoint.breaker) {
+            b.record(admit, Class::Failure);
+        }
+        let Some(params) = &self.ejection else { return };
+        let set = self.endpoints.iter().map(|e| &e.health);
+        let health = &picked.endpoint.health;
+        if let Some(interval) = eject::refused(set, health, &self.ejecting, params, eject::now_ms())
+        {
+            eject::report(target, &picked.endpoint.addr, interval);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }

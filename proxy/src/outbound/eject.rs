@@ -119,6 +119,21 @@ pub fn failed<'a>(
     interval
 }
 
+/// Records a refusal of `endpoint` (no connection could be made): nothing listens there, so
+/// it is ejected now rather than after `consecutive_failures`, with the same share and
+/// interval rules as [`failed`].
+pub fn refused<'a>(
+    set: impl Iterator<Item = &'a Health> + Clone,
+    endpoint: &Health,
+    ejecting: &AtomicBool,
+    params: &Params,
+    now_ms: u64,
+) -> Option<Duration> {
+    let run_before_last = params.consecutive_failures.saturating_sub(1);
+    endpoint.failures.fetch_max(run_before_last, Relaxed);
+    failed(set, endpoint, ejecting, params, now_ms)
+}
+
 /// Counts an ejection and logs it.
 pub fn report(target: &str, endpoint: &std::net::SocketAddr, interval: Duration) {
     ::metrics::counter!(metrics::EJECTIONS_TOTAL, "target" => target.to_owned()).increment(1);
@@ -183,6 +198,24 @@ mod tests {
         let later = t + 10_001;
         failed(set.iter(), &set[3], &lock, &P, later);
         assert!(set[3].is_ejected(later));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_ejects_at_once_within_the_share() {
+        let set: Vec<Health> = (0..4).map(|_| Health::default()).collect();
+        let lock = AtomicBool::new(false);
+        let t = now_ms();
+        assert_eq!(
+            refused(set.iter(), &set[0], &lock, &P, t),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            refused(set.iter(), &set[1], &lock, &P, t),
+            Some(Duration::from_secs(10))
+        );
+        // Half of four are out: a third refusing endpoint stays in.
+        assert_eq!(refused(set.iter(), &set[2], &lock, &P, t), None);
+        assert!(!set[2].is_ejected(t));
     }
 
     #[tokio::test(start_paused = true)]

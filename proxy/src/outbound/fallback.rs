@@ -8,10 +8,6 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use mesh_config::resilience as cfg;
 use std::sync::Arc;
 
-/// Marks an answer the proxy made up while a breaker was open, so retries leave it alone.
-#[derive(Clone, Copy, Debug)]
-pub struct ShortCircuit;
-
 /// A compiled fallback policy.
 #[derive(Clone, Debug, Default)]
 pub enum Fallback {
@@ -75,7 +71,6 @@ impl StaticResponse {
         let mut rsp = Response::new(ProxyBody::bytes(self.body.clone()));
         *rsp.status_mut() = self.status;
         *rsp.headers_mut() = self.headers.clone();
-        rsp.extensions_mut().insert(ShortCircuit);
         rsp
     }
 }
@@ -98,6 +93,5 @@ mod tests {
         assert_eq!(rsp.headers()["x-cached"], "1");
         assert_eq!(rsp.headers()[header::CONTENT_TYPE], "application/json");
         assert_eq!(r.body, Bytes::from_static(br#"{"answer":"cached"}"#));
-        assert!(rsp.extensions().get::<ShortCircuit>().is_some());
     }
 }

@@ -54,6 +54,13 @@ impl Attempt {
         Some(Settle::Endpoint(self.backend.clone(), self.picked.clone()))
     }
 
+    fn refused(&mut self) {
+        self.done = true;
+        self.backend
+            .endpoints
+            .refused(&self.picked, &self.backend.name);
+    }
+
     fn finish(&mut self, class: Class) {
         self.done = true;
         self.backend
@@ -162,8 +169,14 @@ where
                     let backend = &attempt.backend;
                     let target = backend.name.to_string();
                     let reason = error_chain(&e);
+                    if e.is_connect() {
+                        // Nothing listens there (or nothing answers the handshake): the
+                        // endpoint is out at once rather than after a run of failures.
+                        attempt.refused();
+                        return Err(ProxyError::Unavailable { target, reason });
+                    }
                     // Either way the request never left: a retry is safe for any method.
-                    let err = if e.is_connect() || never_sent(&e) {
+                    let err = if never_sent(&e) {
                         ProxyError::Unavailable { target, reason }
                     } else {
                         ProxyError::UpstreamFailed { target, reason }

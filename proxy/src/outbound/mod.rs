@@ -1,7 +1,11 @@
 //! The outbound path: an agent's calls to other agents, in the order a request meets them.
-//! `route -> access log -> limit (Ollama rate) -> deadline -> timeout -> retry -> breaker
-//! (fallback) -> forward (balance with ejection, pool)`. Each policy is a tower layer in its own
-//! file; adding one is a file and a line in [`stack`].
+//! `route -> access log -> limit (Ollama rate) -> deadline -> timeout -> breaker (fallback) ->
+//! retry -> forward (balance with ejection and endpoint breakers, pool)`. Each policy is a tower
+//! layer in its own file; adding one is a file and a line in [`stack`].
+//!
+//! The target's breaker sits above retries and judges requests as the caller saw them; what
+//! goes wrong on one endpoint is judged below retries, per attempt, by that endpoint's breaker
+//! and ejection (see `breaker/mod.rs`).
 
 pub mod balance;
 pub mod breaker;
@@ -34,7 +38,7 @@ pub type Stack = route::RouteService<
     crate::access_log::AccessLog<
         limit::RateLimit<
             deadline::SetDeadline<
-                timeout::Timeout<retry::Retry<breaker::CircuitBreaker<forward::Forward>>>,
+                timeout::Timeout<breaker::CircuitBreaker<retry::Retry<forward::Forward>>>,
             >,
         >,
     >,
@@ -53,7 +57,7 @@ pub fn stack(boot: &Bootstrap, state: Arc<State>, pools: Arc<pool::Pools>) -> St
         .layer(limit::RateLimitLayer::new())
         .layer(deadline::DeadlineLayer)
         .layer(timeout::TimeoutLayer)
-        .layer(retry::RetryLayer)
         .layer(breaker::BreakerLayer::new(state))
+        .layer(retry::RetryLayer)
         .service(forward::Forward::new(pools))
 }

@@ -1,6 +1,18 @@
 //! The target's circuit breaker as a layer: a request first checks the gate; while it is open
 //! the target's fallback answers (`fallback.rs`) and nothing is sent. Admitted requests report
 //! their outcome. Endpoint breakers use the same machine and are checked by the balancer.
+//!
+//! Two facts, judged in two places. *An attempt on one endpoint* failing says that endpoint is
+//! unwell: it feeds the endpoint's own breaker and outlier ejection (`forward.rs`,
+//! `balance.rs`, `eject.rs`), below the retry layer, and the balancer stops choosing it. *A
+//! request as the caller saw it*, after retries moved it to other endpoints, failing says the
+//! target is unwell: only that feeds the target's breaker, which sits above retries. This is
+//! how linkerd separates failure accrual per endpoint (an endpoint the balancer no longer sees
+//! as ready) from what the route reports, and how Envoy keeps outlier detection per host apart
+//! from cluster-wide limits. Counting attempts here would let one dead replica, which ejection
+//! and retries already hide, open the breaker for the whole target and refuse every caller.
+//! A target whose every endpoint fails still opens it: when no endpoint is usable, the attempt
+//! ends in `BreakerOpen` from the balancer, which the request reports as a failure.
 
 pub mod consecutive_failures;
 pub mod failure_ratio;
@@ -12,7 +24,6 @@ use crate::metrics;
 use crate::outbound::classify::StatusSet;
 use crate::outbound::deadline::Deadline;
 use crate::outbound::fallback::Fallback;
-use crate::outbound::retry::TryDeadline;
 use crate::outbound::settle::Settle;
 use crate::state::{Route, State};
 use futures_util::future::BoxFuture;
@@ -83,7 +94,7 @@ where
         };
         if let Some(admit) = breaker.admit() {
             let failures = backend.resilience.failures;
-            let deadline = attempt_deadline(&req);
+            let deadline = request_deadline(&req);
             return guarded(breaker, admit, failures, deadline, self.inner.call(req));
         }
         ::metrics::counter!(metrics::BREAKER_SHORT_CIRCUITS, "target" => backend.name.to_string())
@@ -119,7 +130,7 @@ where
                 });
                 match admit {
                     Some((b, a)) => {
-                        let deadline = attempt_deadline(&req);
+                        let deadline = request_deadline(&req);
                         guarded(b, a, failures, deadline, self.inner.call(req))
                     }
                     None => Box::pin(self.inner.call(req)),
@@ -129,11 +140,9 @@ where
     }
 }
 
-/// When the current attempt is given up on: the per-try timeout or the caller's deadline.
-fn attempt_deadline<B>(req: &Request<B>) -> Option<Instant> {
-    let per_try = req.extensions().get::<TryDeadline>().map(|d| d.0);
-    let overall = req.extensions().get::<Deadline>().map(|d| d.at);
-    per_try.into_iter().chain(overall).min()
+/// When the request is given up on: the caller's deadline, across all attempts.
+fn request_deadline<B>(req: &Request<B>) -> Option<Instant> {
+    req.extensions().get::<Deadline>().map(|d| d.at)
 }
 
 fn guarded<F>(

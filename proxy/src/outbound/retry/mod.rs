@@ -1,11 +1,16 @@
 //! Retries: a failed attempt is sent again, after an exponential backoff with full jitter, to
 //! another endpoint when there is one, while the target's budget and the caller's deadline
-//! allow. Only when it is safe: an idempotent method, a service with `non_idempotent = true`,
-//! a route rule with `retry_non_idempotent = true`, or a request carrying
-//! `x-mesh-retryable: true`; a request that never left (connect failure) is always safe.
+//! allow. A request that never left (connect refused, turned away unwritten) is always safe to
+//! send again and goes at once, without the backoff. Otherwise only when it is safe: an
+//! idempotent method, a service with `non_idempotent = true`, a route rule with
+//! `retry_non_idempotent = true`, or a request carrying `x-mesh-retryable: true`.
 //! The body must be small enough to keep (`max_body_bytes`): a body of known length is read
 //! whole first; one of unknown length streams to the first attempt at once and is kept on the
-//! side (`tee.rs`) until it outgrows the bound, after which it is not retried. A retry is decided on the response head, before anything reaches the caller.
+//! side (`tee.rs`) until it outgrows the bound, after which it is not retried. A retry is
+//! decided on the response head, before anything reaches the caller.
+//!
+//! Retries sit below the target's breaker: an attempt they move to another endpoint is not a
+//! failure the caller sees, and the target's breaker never hears of it.
 
 pub mod budget;
 
@@ -14,7 +19,6 @@ use crate::errors::ProxyError;
 use crate::metrics;
 use crate::outbound::classify::StatusSet;
 use crate::outbound::deadline::Deadline;
-use crate::outbound::fallback::ShortCircuit;
 use crate::outbound::replay::RequestBody;
 use crate::outbound::tee::Tee;
 use crate::state::Route;
@@ -161,21 +165,30 @@ where
             let res = loop {
                 let parts = first.take().unwrap_or_else(|| again.parts());
                 let mut req = Request::from_parts(parts, body);
-                let res = match p.per_try_timeout {
-                    Some(t) => {
-                        let until = Instant::now() + t;
-                        req.extensions_mut().insert(TryDeadline(until));
-                        let fut = inner.ready().await?.call(req);
-                        tokio::time::timeout_at(until, fut)
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(ProxyError::Timeout {
-                                    target: target.to_string(),
-                                    timeout: t,
-                                })
-                            })
+                let until = p.per_try_timeout.map(|t| Instant::now() + t);
+                if let Some(until) = until {
+                    req.extensions_mut().insert(TryDeadline(until));
+                }
+                // While another attempt could still take the request, a small answer is read
+                // whole before the caller sees it (`read_small`).
+                let whole = safe && attempt < p.max_attempts && kept.replayable();
+                let sent = async {
+                    let res = inner.ready().await?.call(req).await;
+                    match res {
+                        Ok(rsp) if whole => read_small(rsp, &p, &target).await,
+                        res => res,
                     }
-                    None => inner.ready().await?.call(req).await,
+                };
+                let res = match (until, p.per_try_timeout) {
+                    (Some(until), Some(t)) => tokio::time::timeout_at(until, sent)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(ProxyError::Timeout {
+                                target: target.to_string(),
+                                timeout: t,
+                            })
+                        }),
+                    _ => sent.await,
                 };
                 if attempt >= p.max_attempts
                     || !should_retry(&res, safe, &p.statuses)
@@ -188,7 +201,13 @@ where
                         .increment(1);
                     break res;
                 }
-                let backoff = full_jitter(&p, attempt);
+                // A request that never left goes to another endpoint at once: waiting spares
+                // no one, the endpoint that refused it is already out of the balancer.
+                let backoff = if never_left(&res) {
+                    Duration::ZERO
+                } else {
+                    full_jitter(&p, attempt)
+                };
                 if deadline.is_some_and(|d| d.remaining() <= backoff) {
                     break res;
                 }
@@ -198,7 +217,9 @@ where
                 drop(res);
                 ::metrics::counter!(metrics::RETRIES_TOTAL, "target" => target.to_string())
                     .increment(1);
-                tokio::time::sleep(backoff).await;
+                if !backoff.is_zero() {
+                    tokio::time::sleep(backoff).await;
+                }
                 body = next;
                 attempt += 1;
             };
@@ -305,15 +326,51 @@ fn should_retry(
     statuses: &StatusSet,
 ) -> bool {
     match res {
-        Ok(rsp) => {
-            safe && statuses.contains(rsp.status().as_u16())
-                && rsp.extensions().get::<ShortCircuit>().is_none()
-        }
+        Ok(rsp) => safe && statuses.contains(rsp.status().as_u16()),
         // A connect failure means the request never left: safe for any method.
         Err(ProxyError::Unavailable { .. }) => true,
         Err(ProxyError::UpstreamFailed { .. }) | Err(ProxyError::Timeout { .. }) => safe,
         Err(_) => false,
     }
+}
+
+/// Reads an answer of known length up to `max_body_bytes` whole before it reaches the caller:
+/// an upstream that dies between the head and the end of such an answer (a replica killed
+/// mid-response) then costs a retry rather than a broken answer. Streams, and answers of
+/// unknown or larger length, go to the caller frame by frame as they come.
+async fn read_small(
+    rsp: Response<ProxyBody>,
+    p: &Params,
+    target: &str,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let small = rsp
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > 0 && n <= p.max_body_bytes);
+    // A status that is retried anyway is dropped unread.
+    if !small || p.statuses.contains(rsp.status().as_u16()) {
+        return Ok(rsp);
+    }
+    let (parts, mut body) = rsp.into_parts();
+    let collected = (&mut body)
+        .collect()
+        .await
+        .map_err(|e| ProxyError::UpstreamFailed {
+            target: target.to_owned(),
+            reason: format!("response body: {e}"),
+        })?;
+    let trailers = collected.trailers().cloned();
+    Ok(Response::from_parts(
+        parts,
+        ProxyBody::whole(collected.to_bytes(), trailers),
+    ))
+}
+
+/// The attempt failed before any of the request was sent (connect refused, or turned away
+/// unwritten).
+fn never_left(res: &Result<Response<ProxyBody>, ProxyError>) -> bool {
+    matches!(res, Err(ProxyError::Unavailable { .. }))
 }
 
 /// A random wait in [0, min(max_backoff, backoff * 2^(attempt-1))] ("full jitter"), so
@@ -377,11 +434,6 @@ mod tests {
             reason: "reset".into(),
         });
         assert!(!should_retry(&reset, false, &s));
-        // A fallback's answer is never retried.
-        let mut short = Response::new(ProxyBody::empty());
-        *short.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-        short.extensions_mut().insert(ShortCircuit);
-        assert!(!should_retry(&Ok(short), true, &s));
     }
 
     #[test]
