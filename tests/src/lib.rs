@@ -2,7 +2,8 @@
 //! HTTP/1.1, h2c and raw TCP (`client`), an HTTP/2 peer written frame by frame (`h2_peer`), the
 //! proxy under test in-process or as a child process
 //! (`proxy`), an app that calls onward through its sidecar (`relay`), snapshot text builders
-//! (`snapshot`) and metric lookups (`metrics`).
+//! (`snapshot`), metric lookups (`metrics`), a closed-loop workload (`load`) and a service whose
+//! replicas are real sidecar processes a test can kill (`replicas`).
 //!
 //! Every wait in the harness is bounded by [`WAIT`] and panics with what it was waiting for.
 
@@ -11,10 +12,12 @@ pub mod client;
 pub mod consul;
 pub mod control;
 pub mod h2_peer;
+pub mod load;
 pub mod metrics;
 pub mod ollama;
 pub mod proxy;
 pub mod relay;
+pub mod replicas;
 pub mod server;
 pub mod snapshot;
 
