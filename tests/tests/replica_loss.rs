@@ -143,3 +143,32 @@ async fn every_endpoint_dead_opens_the_target_breaker_and_serves_the_fallback() 
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["answer"], "cached");
 }
+
+/// Non-idempotent calls are not retried once written: only those already on the killed replica
+/// fail, each with a clear `502 upstream_failed`, and the target stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_fails_only_the_posts_written_to_it() {
+    let app = server::fixed(200, "ok").label("app").run().await;
+    for run in 0..RUNS / 4 {
+        let svc = Replicas::start(app.addr(), 2, |s| s).await;
+        let c = client::http1(svc.caller.outbound());
+        let mut load = Load::start(c, CALLERS, load::post(c, SERVICE, "/"));
+        svc.wait_served(1, 20).await;
+        svc.kill(1);
+        let after = load.completed() + 400;
+        load.wait_completed(after).await;
+        let report = load.stop().await;
+        // At most the one request each connection had on the replica, and the next it wrote
+        // before the caller's sidecar saw the connection die.
+        assert!(report.failures.len() <= 2 * CALLERS, "run {run}: {report}");
+        for f in &report.failures {
+            assert!(
+                f.what.starts_with("502") && f.what.contains("upstream_failed"),
+                "run {run}: {}",
+                f.what
+            );
+        }
+        let text = scrape(svc.caller.admin()).await;
+        assert_eq!(target_breaker_opened(&text, SERVICE), 0.0, "run {run}");
+    }
+}

@@ -3,7 +3,7 @@
 //! (`eject.rs`) nor behind an open breaker. Lock-free: every statistic is an atomic, and a
 //! lost race between two updates only makes an estimate slightly stale.
 
-use crate::outbound::breaker::machine::{Admit, Breaker, Class};
+use crate::outbound::breaker::machine::{Admit, Breaker, BreakerState, Class};
 use crate::outbound::eject;
 use http::uri::Authority;
 use std::net::SocketAddr;
@@ -233,6 +233,20 @@ impl EndpointSet {
             }
             Class::Cancelled => {}
         }
+    }
+
+    /// Whether an endpoint other than `index` could take a request now: not ejected and its
+    /// breaker, if any, closed. Then a failure on `index` is confined to that endpoint.
+    pub fn usable_besides(&self, index: Option<usize>) -> bool {
+        let now_ms = self.ejection.map(|_| eject::now_ms());
+        self.endpoints.iter().enumerate().any(|(i, ep)| {
+            Some(i) != index
+                && !now_ms.is_some_and(|now| ep.health.is_ejected(now))
+                && ep
+                    .breaker
+                    .as_ref()
+                    .map_or(true, |b| b.state() == BreakerState::Closed)
+        })
     }
 
     /// An attempt the endpoint refused (no connection could be made): a failure for its

@@ -101,10 +101,7 @@ where
         };
         let backend = route.backend;
         let tried = req.extensions_mut().remove::<Tried>();
-        let avoid = tried
-            .as_ref()
-            .map(|t| t.0.load(Relaxed))
-            .filter(|&i| i != usize::MAX);
+        let avoid = tried.as_ref().and_then(Tried::last);
         let Some(picked) = backend.endpoints.pick_usable(avoid) else {
             let target = backend.name.to_string();
             return Box::pin(async move {

@@ -4,15 +4,16 @@
 
 use crate::body::broken_by_upstream;
 use crate::outbound::balance::Picked;
-use crate::outbound::breaker::machine::{Admit, Breaker, Class};
+use crate::outbound::breaker::machine::Class;
+use crate::outbound::breaker::TargetOutcome;
 use crate::state::Backend;
 use std::sync::Arc;
 
 /// Where one answer's outcome goes.
 #[derive(Debug)]
 pub enum Settle {
-    /// A target's breaker, with how the request was admitted.
-    Target(Arc<Breaker>, Admit),
+    /// A target's breaker, with how the request was admitted and where it went.
+    Target(TargetOutcome),
     /// The endpoint that answered: its breaker and outlier ejection.
     Endpoint(Arc<Backend>, Picked),
 }
@@ -20,7 +21,7 @@ pub enum Settle {
 impl Settle {
     pub fn finish(self, class: Class) {
         match self {
-            Settle::Target(breaker, admit) => breaker.record(admit, class),
+            Settle::Target(outcome) => outcome.record(class),
             Settle::Endpoint(backend, picked) => {
                 backend.endpoints.record(&picked, class, &backend.name)
             }

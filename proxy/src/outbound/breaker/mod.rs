@@ -5,14 +5,19 @@
 //! Two facts, judged in two places. *An attempt on one endpoint* failing says that endpoint is
 //! unwell: it feeds the endpoint's own breaker and outlier ejection (`forward.rs`,
 //! `balance.rs`, `eject.rs`), below the retry layer, and the balancer stops choosing it. *A
-//! request as the caller saw it*, after retries moved it to other endpoints, failing says the
-//! target is unwell: only that feeds the target's breaker, which sits above retries. This is
-//! how linkerd separates failure accrual per endpoint (an endpoint the balancer no longer sees
-//! as ready) from what the route reports, and how Envoy keeps outlier detection per host apart
-//! from cluster-wide limits. Counting attempts here would let one dead replica, which ejection
-//! and retries already hide, open the breaker for the whole target and refuse every caller.
-//! A target whose every endpoint fails still opens it: when no endpoint is usable, the attempt
-//! ends in `BreakerOpen` from the balancer, which the request reports as a failure.
+//! request as the caller saw it*, after retries moved it to other endpoints, failing while no
+//! other endpoint of the target was usable says the target is unwell: only that feeds the
+//! target's breaker, which sits above retries. A request that failed on one endpoint while
+//! another was usable (a non-idempotent call cut on a dying replica, a request whose retries ran
+//! out) is confined to that endpoint and counts for it alone ([`TargetOutcome`]).
+//!
+//! This is how linkerd separates failure accrual per endpoint (an endpoint the balancer no
+//! longer sees as ready) from the route's view, where a service is unavailable only when no
+//! endpoint is ready; and how Envoy keeps outlier detection per host apart from cluster-wide
+//! circuit breaking. Counting attempts here let one dead replica, which ejection and retries
+//! already hide, open the breaker for the whole target and refuse every caller. A target whose
+//! every endpoint fails still opens it: once no endpoint is usable, failures are no longer
+//! confined, and the balancer's own `BreakerOpen` (nothing to pick) counts as one.
 
 pub mod consecutive_failures;
 pub mod failure_ratio;
@@ -24,8 +29,9 @@ use crate::metrics;
 use crate::outbound::classify::StatusSet;
 use crate::outbound::deadline::Deadline;
 use crate::outbound::fallback::Fallback;
+use crate::outbound::retry::Tried;
 use crate::outbound::settle::Settle;
-use crate::state::{Route, State};
+use crate::state::{Backend, Route, State};
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use machine::{Admit, Breaker, Class};
@@ -44,13 +50,23 @@ pub struct CircuitBreaker<S> {
     state: Arc<State>,
 }
 
+/// An admitted request's outcome on its way to the target's breaker. A failure confined to one
+/// endpoint, while another endpoint of the target is usable, is that endpoint's business and
+/// tells nothing about the target: it counts as neither success nor failure here.
+#[derive(Debug)]
+pub struct TargetOutcome {
+    breaker: Arc<Breaker>,
+    admit: Admit,
+    backend: Arc<Backend>,
+    /// The endpoint the request's last attempt went to.
+    tried: Tried,
+}
+
 /// An admitted request whose outcome the breaker has not heard yet. Dropped unanswered, it
 /// counts as a failure when its deadline had passed (a timeout) and as cancelled otherwise.
 struct Pending {
-    breaker: Arc<Breaker>,
-    admit: Admit,
+    outcome: Option<TargetOutcome>,
     deadline: Option<Instant>,
-    done: bool,
 }
 
 impl BreakerLayer {
@@ -93,9 +109,9 @@ where
             return Box::pin(self.inner.call(req));
         };
         if let Some(admit) = breaker.admit() {
-            let failures = backend.resilience.failures;
+            let outcome = TargetOutcome::new(breaker, admit, backend, &mut req);
             let deadline = request_deadline(&req);
-            return guarded(breaker, admit, failures, deadline, self.inner.call(req));
+            return guarded(outcome, deadline, self.inner.call(req));
         }
         ::metrics::counter!(metrics::BREAKER_SHORT_CIRCUITS, "target" => backend.name.to_string())
             .increment(1);
@@ -122,16 +138,16 @@ where
                         None => return Box::pin(async move { Err(open) }),
                     },
                 };
-                let failures = alt.resilience.failures;
                 req.extensions_mut().insert(Route {
-                    backend: alt,
+                    backend: alt.clone(),
                     timeout,
                     retry_non_idempotent: false,
                 });
                 match admit {
                     Some((b, a)) => {
+                        let outcome = TargetOutcome::new(b, a, alt, &mut req);
                         let deadline = request_deadline(&req);
-                        guarded(b, a, failures, deadline, self.inner.call(req))
+                        guarded(outcome, deadline, self.inner.call(req))
                     }
                     None => Box::pin(self.inner.call(req)),
                 }
@@ -146,9 +162,7 @@ fn request_deadline<B>(req: &Request<B>) -> Option<Instant> {
 }
 
 fn guarded<F>(
-    breaker: Arc<Breaker>,
-    admit: Admit,
-    failures: StatusSet,
+    outcome: TargetOutcome,
     deadline: Option<Instant>,
     fut: F,
 ) -> BoxFuture<'static, Result<Response<ProxyBody>, ProxyError>>
@@ -157,20 +171,21 @@ where
 {
     // Built before the future is first polled, so even a request dropped at once reports.
     let mut pending = Pending {
-        breaker,
-        admit,
+        outcome: Some(outcome),
         deadline,
-        done: false,
     };
     Box::pin(async move {
         let mut res = fut.await;
-        pending.done = true;
-        match (classify(&res, &failures), res.as_mut()) {
+        let Some(outcome) = pending.outcome.take() else {
+            return res;
+        };
+        match (
+            classify(&res, &outcome.backend.resilience.failures),
+            res.as_mut(),
+        ) {
             // A good head: the body's end decides.
-            (Class::Success, Ok(rsp)) => rsp
-                .body_mut()
-                .settle_at_end(Settle::Target(pending.breaker.clone(), pending.admit)),
-            (class, _) => pending.breaker.record(pending.admit, class),
+            (Class::Success, Ok(rsp)) => rsp.body_mut().settle_at_end(Settle::Target(outcome)),
+            (class, _) => outcome.record(class),
         }
         res
     })
@@ -191,16 +206,48 @@ pub fn classify(res: &Result<Response<ProxyBody>, ProxyError>, failures: &Status
     }
 }
 
+// === impl TargetOutcome ===
+
+impl TargetOutcome {
+    /// Marks `req` so that the endpoint of its last attempt is known when it ends.
+    fn new<B>(
+        breaker: Arc<Breaker>,
+        admit: Admit,
+        backend: Arc<Backend>,
+        req: &mut Request<B>,
+    ) -> Self {
+        let tried = Tried::new();
+        req.extensions_mut().insert(tried.clone());
+        Self {
+            breaker,
+            admit,
+            backend,
+            tried,
+        }
+    }
+
+    pub fn record(self, class: Class) {
+        let class = match class {
+            Class::Failure if self.backend.endpoints.usable_besides(self.tried.last()) => {
+                Class::Cancelled
+            }
+            class => class,
+        };
+        self.breaker.record(self.admit, class);
+    }
+}
+
+// === impl Pending ===
+
 impl Drop for Pending {
     fn drop(&mut self) {
-        if !self.done {
+        if let Some(outcome) = self.outcome.take() {
             let timed_out = self.deadline.is_some_and(|d| d <= Instant::now());
-            let class = if timed_out {
+            outcome.record(if timed_out {
                 Class::Failure
             } else {
                 Class::Cancelled
-            };
-            self.breaker.record(self.admit, class);
+            });
         }
     }
 }

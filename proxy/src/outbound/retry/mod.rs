@@ -29,7 +29,7 @@ use http::{HeaderMap, HeaderName, Method, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -59,9 +59,29 @@ pub struct Policy {
 }
 
 /// Which endpoint (index in the target's set) the latest attempt went to; forward reads it to
-/// send the next attempt elsewhere and writes it when it picks.
+/// send the next attempt elsewhere and writes it when it picks, and the target's breaker reads
+/// it when the request ends.
 #[derive(Clone, Debug)]
 pub struct Tried(pub Arc<AtomicUsize>);
+
+// === impl Tried ===
+
+impl Tried {
+    pub fn new() -> Self {
+        Self(Arc::new(AtomicUsize::new(usize::MAX)))
+    }
+
+    /// The endpoint of the latest attempt, if one was picked.
+    pub fn last(&self) -> Option<usize> {
+        Some(self.0.load(Relaxed)).filter(|&i| i != usize::MAX)
+    }
+}
+
+impl Default for Tried {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// When the current attempt gives up (the per-try timeout), for layers below that classify an
 /// attempt dropped unanswered.
@@ -153,9 +173,16 @@ where
                 let trailers = collected.trailers().cloned();
                 Kept::Whole(collected.to_bytes(), trailers)
             };
-            let tried = Tried(Arc::new(AtomicUsize::new(usize::MAX)));
-            let again = Again::new(&parts, tried.clone());
-            parts.extensions.insert(tried);
+            // The target's breaker above may already watch where the attempts go.
+            let tried = match parts.extensions.get::<Tried>() {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Tried::new();
+                    parts.extensions.insert(t.clone());
+                    t
+                }
+            };
+            let again = Again::new(&parts, tried);
             let deadline = again.deadline;
             let p = policy.params;
             let mut attempt = 1;
@@ -169,13 +196,9 @@ where
                 if let Some(until) = until {
                     req.extensions_mut().insert(TryDeadline(until));
                 }
-                // While another attempt could still take the request, a small answer is read
-                // whole before the caller sees it (`read_small`).
-                let whole = safe && attempt < p.max_attempts && kept.replayable();
                 let sent = async {
-                    let res = inner.ready().await?.call(req).await;
-                    match res {
-                        Ok(rsp) if whole => read_small(rsp, &p, &target).await,
+                    match inner.ready().await?.call(req).await {
+                        Ok(rsp) => read_small(rsp, &p, &target).await,
                         res => res,
                     }
                 };
@@ -336,8 +359,9 @@ fn should_retry(
 
 /// Reads an answer of known length up to `max_body_bytes` whole before it reaches the caller:
 /// an upstream that dies between the head and the end of such an answer (a replica killed
-/// mid-response) then costs a retry rather than a broken answer. Streams, and answers of
-/// unknown or larger length, go to the caller frame by frame as they come.
+/// mid-response) then costs a retry, or when none is left or allowed, a clear `502
+/// upstream_failed` rather than a broken answer. Streams, and answers of unknown or larger
+/// length, go to the caller frame by frame as they come.
 async fn read_small(
     rsp: Response<ProxyBody>,
     p: &Params,
