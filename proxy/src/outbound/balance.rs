@@ -245,7 +245,7 @@ impl EndpointSet {
                 && ep
                     .breaker
                     .as_ref()
-                    .map_or(true, |b| b.state() == BreakerState::Closed)
+                    .is_none_or(|b| b.state() == BreakerState::Closed)
         })
     }
 
