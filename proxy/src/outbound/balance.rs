@@ -350,6 +350,26 @@ mod tests {
         assert_eq!(set.pick().unwrap().addr, b.addr);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_confined_while_another_endpoint_is_usable() {
+        let params = eject::Params {
+            consecutive_failures: 5,
+            interval: Duration::from_secs(10),
+            max_interval: Duration::from_secs(60),
+            max_ejected_percent: 100,
+        };
+        let set = EndpointSet::new(vec![ep(1), ep(2)]).with_ejection(Some(params));
+        assert!(set.usable_besides(Some(0)));
+        // The second endpoint refuses: it is out at once.
+        let second = set.pick_usable(Some(0)).unwrap();
+        assert_eq!(second.index, 1);
+        set.refused(&second, "t");
+        // A failure on the first is no longer confined to it; nothing was picked, even less.
+        assert!(!set.usable_besides(Some(0)));
+        assert!(set.usable_besides(Some(1)));
+        assert!(set.usable_besides(None));
+    }
+
     #[test]
     fn inflight_is_released_on_drop() {
         let a = ep(1);
