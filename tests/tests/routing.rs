@@ -225,6 +225,20 @@ async fn caller_header_is_set_and_cannot_be_spoofed() {
         let reply = client.send(req).await;
         assert_eq!(reply.json()["headers"]["x-mesh-caller"], "agent-a");
     }
+
+    // Nor can it name the mesh's headers in `Connection` to have them stripped on the way.
+    let client = client::http1(proxy.outbound());
+    let req = client
+        .request(Method::GET, "b", "/")
+        .header("connection", "x-mesh-caller, x-mesh-timeout-ms, x-drop-me")
+        .header("x-drop-me", "1")
+        .body(body::empty())
+        .unwrap();
+    let reply = client.send(req).await;
+    let headers = &reply.json()["headers"];
+    assert_eq!(headers["x-mesh-caller"], "agent-a", "{headers}");
+    assert!(headers["x-mesh-timeout-ms"].is_string(), "{headers}");
+    assert!(headers["x-drop-me"].is_null(), "{headers}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -305,7 +305,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                     .split(',')
                     .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
                     .collect();
-                for name in named {
+                // The mesh's own headers (`x-mesh-caller`, `x-mesh-timeout-ms`) are set by
+                // the sidecar before this strip: a caller cannot name them away.
+                for name in named.iter().filter(|n| !n.as_str().starts_with("x-mesh-")) {
                     headers.remove(name);
                 }
             }
