@@ -98,3 +98,52 @@ async fn non_http_bytes_close_the_connection_and_are_counted() {
     assert_eq!(after, before + 2.0);
     assert_eq!(b.requests(), 0);
 }
+
+/// A caller's own broken body is the caller's fault: 400 `request_body`, never an upstream
+/// failure, so it cannot open the target's breaker for every other caller on the sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_request_body_is_the_callers_fault() {
+    let b = server::echo_body().label("b").run().await;
+    for http2 in [false, true] {
+        let mut svc = service("b").endpoint(b.addr());
+        if http2 {
+            svc = svc.http2();
+        }
+        let proxy = proxy::builder()
+            .agent("a")
+            .snapshot(snapshot(1).service(svc).to_toml())
+            .start()
+            .await;
+        // More than the default breaker threshold (5).
+        for _ in 0..7 {
+            let out = raw_exchange(
+                proxy.outbound(),
+                b"POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+            )
+            .await;
+            let text = String::from_utf8_lossy(&out);
+            assert_eq!(
+                raw_status(&out),
+                Some(400),
+                "http2 upstream {http2}: {text}"
+            );
+        }
+        // The target is healthy for everyone else.
+        let reply = mesh_tests::client::http1(proxy.outbound())
+            .get("b", "/")
+            .await;
+        assert_eq!(
+            reply.status,
+            200,
+            "http2 upstream {http2}: {}",
+            reply.text()
+        );
+        let text = metrics::scrape(proxy.admin()).await;
+        let opened = metrics::metric_or_zero(
+            &text,
+            "agent_circuit_breaker_transitions_total",
+            &[("target", "b"), ("to", "open")],
+        );
+        assert_eq!(opened, 0.0, "http2 upstream {http2}");
+    }
+}

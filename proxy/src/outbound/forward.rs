@@ -8,9 +8,10 @@ use crate::outbound::balance::{InFlight, Picked};
 use crate::outbound::breaker::{classify, machine::Class};
 use crate::outbound::deadline::Deadline;
 use crate::outbound::pool::Pools;
-use crate::outbound::replay::RequestBody;
+use crate::outbound::replay::{BodyError, RequestBody};
 use crate::outbound::retry::{Tried, TryDeadline};
 use crate::outbound::settle::Settle;
+use crate::outbound::tee::TeeError;
 use crate::state::{Backend, Route};
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -166,6 +167,12 @@ where
                     let backend = &attempt.backend;
                     let target = backend.name.to_string();
                     let reason = error_chain(&e);
+                    if caller_body_failed(&e) {
+                        // The caller's own body broke (bad framing, the caller left): nothing
+                        // to hold against the endpoint, and a 400 for the caller.
+                        attempt.finish(Class::Cancelled);
+                        return Err(ProxyError::RequestBody { target, reason });
+                    }
                     if e.is_connect() {
                         // Nothing listens there (or nothing answers the handshake): the
                         // endpoint is out at once rather than after a run of failures.
@@ -396,6 +403,25 @@ fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
             return true;
         }
         if err.downcast_ref::<h2::Error>().is_some_and(unprocessed) {
+            return true;
+        }
+        src = err.source();
+    }
+    false
+}
+
+/// The request body the caller sent failed while it was being sent upstream.
+fn caller_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
+    while let Some(err) = src {
+        if matches!(err.downcast_ref::<BodyError>(), Some(TeeError::Source(_))) {
+            return true;
+        }
+        // Over HTTP/2 hyper does not pass the body's error on: it resets the stream itself
+        // with INTERNAL_ERROR, which is the only reset it sends while a request is in flight.
+        if err.downcast_ref::<h2::Error>().is_some_and(|h| {
+            !h.is_remote() && h.is_reset() && h.reason() == Some(h2::Reason::INTERNAL_ERROR)
+        }) {
             return true;
         }
         src = err.source();
