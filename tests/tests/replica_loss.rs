@@ -172,3 +172,29 @@ async fn a_killed_replica_fails_only_the_posts_written_to_it() {
         assert_eq!(target_breaker_opened(&text, SERVICE), 0.0, "run {run}");
     }
 }
+
+/// Without a per-try timeout, a frozen replica is found out by its silence: the sidecar pings
+/// its HTTP/2 connections, and one that leaves a ping unanswered fails its requests, which go to
+/// the other replica; the frozen one is ejected within seconds, and no caller sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_is_found_out_by_its_silence() {
+    let app = server::fixed(200, "ok").label("app").run().await;
+    let svc = Replicas::start(app.addr(), 2, |s| s).await;
+    let c = client::http1(svc.caller.outbound());
+    let mut load = Load::start(c, CALLERS, load::get(c, SERVICE, "/"));
+    svc.wait_served(1, 20).await;
+    svc.freeze(1);
+    mesh_tests::metrics::wait_for_metric(
+        svc.caller.admin(),
+        "agent_endpoint_ejections_total",
+        &[("target", SERVICE)],
+        1.0,
+    )
+    .await;
+    let after = load.completed() + 400;
+    load.wait_completed(after).await;
+    let report = load.stop().await;
+    assert!(report.failures.is_empty(), "{report}");
+    let text = scrape(svc.caller.admin()).await;
+    assert_eq!(target_breaker_opened(&text, SERVICE), 0.0);
+}

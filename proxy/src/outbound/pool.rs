@@ -19,9 +19,13 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// How often an idle HTTP/2 connection is pinged, and how long a ping may go unanswered.
-const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
-const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HTTP/2 connection with requests open that has read nothing for this long is pinged, and
+/// closed when the ping goes unanswered for the timeout: a frozen peer (a stopped process, a
+/// hung host) then fails its requests within seconds, so they are retried elsewhere and the
+/// endpoint is ejected, instead of hanging to the route timeout. A live peer acks pings in its
+/// HTTP/2 layer however long its app takes to answer.
+const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(4);
+const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// TCP keepalive on every upstream socket, so a silently dead peer is noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
