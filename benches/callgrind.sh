@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Instructions per request on the outbound path, counted by callgrind: exact and independent of
+# what else the machine runs, so it ranks two builds measured on a busy host.
+#
+#   bash benches/callgrind.sh BIN [BIN...]   # release mesh-proxy binaries to compare
+#
+# Each binary runs under `valgrind --tool=callgrind` with one worker thread and the access log
+# on, routing service `up` (default resilience) to an nginx on 127.0.0.1 serving a 100-byte
+# body; oha sends 2,000 warm-up then 10,000 requests over 32 connections. Prints total
+# instructions / 12,000 per binary, and each against the first. Needs valgrind, nginx and oha
+# (benches/run.sh installs the last two).
+set -euo pipefail
+(($# >= 1)) || { echo "usage: $0 BIN [BIN...]" >&2; exit 2; }
+export PATH="$HOME/.cargo/bin:$PATH"
+for tool in valgrind nginx oha; do
+    command -v "$tool" >/dev/null || { echo "$tool is not installed" >&2; exit 2; }
+done
+
+tmp="$(mktemp -d -t mesh-callgrind.XXXXXX)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+    for _ in $(seq 1 600); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing listens on $1" >&2
+    exit 1
+}
+
+up="$(free_port)"
+body="mesh-bench-$(printf 'x%.0s' $(seq 1 88))"
+mkdir -p "$tmp/nginx/logs"
+cat >"$tmp/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $tmp/nginx/nginx.pid;
+error_log stderr error;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    keepalive_requests 10000000;
+    server { listen 127.0.0.1:$up; location / { return 200 "$body\n"; } }
+}
+EOF
+nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" &
+pids+=($!)
+wait_port "$up"
+
+first=""
+for bin in "$@"; do
+    out="$(free_port)"
+    admin="$(free_port)"
+    printf 'version = 1\n\n[[services]]\nname = "up"\nendpoints = ["127.0.0.1:%s"]\n' "$up" >"$tmp/snapshot.toml"
+    cat >"$tmp/bootstrap.toml" <<EOF
+agent = "bench"
+phase = "critical"
+
+[listen]
+outbound = "127.0.0.1:$out"
+admin = "127.0.0.1:$admin"
+
+[snapshot]
+file = "$tmp/snapshot.toml"
+
+[runtime]
+worker_threads = 1
+
+[drain]
+grace = "1s"
+EOF
+    valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" --config "$tmp/bootstrap.toml" \
+        >/dev/null 2>"$tmp/valgrind.log" &
+    pid=$!
+    pids+=("$pid")
+    wait_port "$out"
+    oha -n 2000 -c 32 --no-tui -H 'Host: up' "http://127.0.0.1:$out/" >/dev/null
+    oha -n 10000 -c 32 --no-tui -H 'Host: up' "http://127.0.0.1:$out/" >/dev/null
+    kill -TERM "$pid"
+    wait "$pid" || true
+    total="$(grep -m1 '^summary:' "$tmp/cg.out" | awk '{print $2}')"
+    per=$((total / 12000))
+    [[ -n "$first" ]] || first="$per"
+    ratio="$(python3 -c "print(f'{$per / $first:.3f}')")"
+    echo "$bin: $per instructions / request (x$ratio vs the first)"
+done
