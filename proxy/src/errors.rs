@@ -1,6 +1,7 @@
 //! Why a request failed inside the proxy, and the response the caller gets for it.
 
 use crate::body::ProxyBody;
+use crate::grpc;
 use http::{header, HeaderValue, Response, StatusCode};
 use mesh_config::Phase;
 use std::time::Duration;
@@ -121,6 +122,68 @@ impl ProxyError {
         }
     }
 
+    /// Answers the mesh makes to shed load, not failures of the target: the reason carried in
+    /// `x-mesh-refused` (see `refusal.rs`). `None` for every other error.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::Overloaded { .. } => Some("overloaded"),
+            ProxyError::RateLimited { .. } => Some("rate_limited"),
+            ProxyError::Draining => Some("draining"),
+            // A gateway whose dispatcher is gone is failing, not shedding load.
+            ProxyError::Queue { reason, .. } if *reason != "ollama_unavailable" => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status a gRPC caller gets for this error.
+    pub fn grpc_code(&self) -> grpc::Code {
+        match self {
+            ProxyError::Timeout { .. } => grpc::Code::DeadlineExceeded,
+            ProxyError::RateLimited { .. }
+            | ProxyError::TooLarge { .. }
+            | ProxyError::Queue {
+                over_quota: true, ..
+            } => grpc::Code::ResourceExhausted,
+            ProxyError::NoAuthority
+            | ProxyError::RequestBody { .. }
+            | ProxyError::BadRequest { .. } => grpc::Code::Internal,
+            ProxyError::NoRoute { .. }
+            | ProxyError::NoEndpoints { .. }
+            | ProxyError::Unavailable { .. }
+            | ProxyError::UpstreamFailed { .. }
+            | ProxyError::Overloaded { .. }
+            | ProxyError::Draining
+            | ProxyError::BreakerOpen { .. }
+            | ProxyError::Queue { .. } => grpc::Code::Unavailable,
+        }
+    }
+
+    /// The response for a caller: a gRPC status for a gRPC call, else [`Self::to_response`].
+    /// The `x-mesh-refused` marker is set by the inbound side (`access_log`), never here.
+    pub fn respond(&self, grpc: bool) -> Response<ProxyBody> {
+        if !grpc {
+            return self.to_response();
+        }
+        let mut rsp = grpc::error_response(self.grpc_code(), &self.to_string());
+        if let Some(secs) = self.retry_after() {
+            rsp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        rsp
+    }
+
+    /// Whole seconds a caller should wait before trying again, when the error says.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::Overloaded { retry_after, .. }
+            | ProxyError::BreakerOpen { retry_after, .. }
+            | ProxyError::RateLimited { retry_after, .. }
+            | ProxyError::Queue { retry_after, .. } => Some(ceil_secs(*retry_after)),
+            ProxyError::NoEndpoints { .. } | ProxyError::Draining => Some(1),
+            _ => None,
+        }
+    }
+
     /// The response the caller receives: JSON naming the error and the target.
     pub fn to_response(&self) -> Response<ProxyBody> {
         let mut body = serde_json::json!({
@@ -157,15 +220,7 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let retry_after = match self {
-            ProxyError::Overloaded { retry_after, .. }
-            | ProxyError::BreakerOpen { retry_after, .. }
-            | ProxyError::RateLimited { retry_after, .. }
-            | ProxyError::Queue { retry_after, .. } => Some(ceil_secs(*retry_after)),
-            ProxyError::NoEndpoints { .. } | ProxyError::Draining => Some(1),
-            _ => None,
-        };
-        if let Some(secs) = retry_after {
+        if let Some(secs) = self.retry_after() {
             rsp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -30,6 +30,7 @@ pub struct Builder {
     phase: String,
     snapshot: String,
     inbound_app: Option<SocketAddr>,
+    inbound_protocol: Option<String>,
     ollama_gateway: bool,
     max_concurrency: u32,
     queue_depth: u32,
@@ -71,6 +72,7 @@ pub fn builder() -> Builder {
         phase: "critical".to_owned(),
         snapshot: "version = 1\n".to_owned(),
         inbound_app: None,
+        inbound_protocol: None,
         ollama_gateway: false,
         max_concurrency: 64,
         queue_depth: 256,
@@ -103,6 +105,12 @@ impl Builder {
     /// Enables the inbound listener, forwarding to `app`.
     pub fn inbound_app(mut self, app: SocketAddr) -> Self {
         self.inbound_app = Some(app);
+        self
+    }
+
+    /// How the inbound side speaks to the app: `http1`, `http2` or `auto` (the default).
+    pub fn inbound_protocol(mut self, protocol: &str) -> Self {
+        self.inbound_protocol = Some(protocol.to_owned());
         self
     }
 
@@ -157,6 +165,9 @@ impl Builder {
             ));
             if self.ollama_gateway {
                 out.push_str("mode = \"ollama\"\n");
+            }
+            if let Some(protocol) = &self.inbound_protocol {
+                out.push_str(&format!("protocol = {protocol:?}\n"));
             }
         }
         out.push_str(&format!(

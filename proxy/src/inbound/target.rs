@@ -1,7 +1,10 @@
 //! Every inbound request goes to one place, the agent's own app; this layer attaches that
-//! route so the shared layers (access log, timeout, forward) work unchanged.
+//! route so the shared layers (access log, timeout, forward) work unchanged. The route says
+//! how to speak to the app (`inbound.protocol`): HTTP/1.1, h2c, or by request (`auto`): a gRPC
+//! call goes over h2c, since gRPC needs HTTP/2, and everything else over HTTP/1.1. Both routes
+//! share the app's one endpoint and its metrics.
 
-use crate::bootstrap::Bootstrap;
+use crate::bootstrap::{AppProtocol, Bootstrap};
 use crate::metrics::TargetMetrics;
 use crate::outbound::balance::{Endpoint, EndpointSet};
 use crate::state::{Backend, Route};
@@ -13,39 +16,63 @@ use std::task::{Context, Poll};
 
 #[derive(Clone, Debug)]
 pub struct LocalTargetLayer {
-    route: Route,
+    routes: Routes,
 }
 
 #[derive(Clone, Debug)]
 pub struct LocalTarget<S> {
     inner: S,
-    route: Route,
+    routes: Routes,
+}
+
+/// The app's route for most requests, and the h2c one gRPC calls take under `auto`.
+#[derive(Clone, Debug)]
+struct Routes {
+    default: Route,
+    grpc: Option<Route>,
 }
 
 impl LocalTargetLayer {
     pub fn new(boot: &Bootstrap) -> Self {
-        let backend = Backend {
-            name: boot.agent.as_str().into(),
-            phase: boot.phase,
-            protocol: Protocol::Http1,
-            timeout: boot.inbound.timeout,
-            stream_idle: boot.inbound.stream_idle_timeout,
-            endpoints: EndpointSet::new(vec![Arc::new(Endpoint::new(boot.inbound.app))]),
-            resilience: Default::default(),
-            ollama_rate: None,
-            metrics: TargetMetrics::new("inbound", &boot.agent, boot.phase.as_str(), &boot.agent),
-        };
-        Self {
-            route: Route {
+        let app = Arc::new(Endpoint::new(boot.inbound.app));
+        let metrics = TargetMetrics::new("inbound", &boot.agent, boot.phase.as_str(), &boot.agent);
+        let route = |protocol| {
+            let backend = Backend {
+                name: boot.agent.as_str().into(),
+                phase: boot.phase,
+                protocol,
+                timeout: boot.inbound.timeout,
+                stream_idle: boot.inbound.stream_idle_timeout,
+                endpoints: EndpointSet::new(vec![app.clone()]),
+                resilience: Default::default(),
+                ollama_rate: None,
+                metrics: metrics.clone(),
+            };
+            Route {
                 timeout: backend.timeout,
                 retry_non_idempotent: false,
                 backend: Arc::new(backend),
+            }
+        };
+        let routes = match boot.inbound.protocol {
+            AppProtocol::Http1 => Routes {
+                default: route(Protocol::Http1),
+                grpc: None,
             },
-        }
+            AppProtocol::Http2 => Routes {
+                default: route(Protocol::Http2),
+                grpc: None,
+            },
+            AppProtocol::Auto => Routes {
+                default: route(Protocol::Http1),
+                grpc: Some(route(Protocol::Http2)),
+            },
+        };
+        Self { routes }
     }
 
     pub fn metrics(&self) -> Arc<TargetMetrics> {
-        self.route.backend.metrics.clone()
+        self.routes.default.backend.metrics.clone()
     }
 }
 
@@ -55,7 +82,7 @@ impl<S> tower::Layer<S> for LocalTargetLayer {
     fn layer(&self, inner: S) -> LocalTarget<S> {
         LocalTarget {
             inner,
-            route: self.route.clone(),
+            routes: self.routes.clone(),
         }
     }
 }
@@ -73,7 +100,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> S::Future {
-        req.extensions_mut().insert(self.route.clone());
+        let route = match &self.routes.grpc {
+            Some(grpc) if crate::grpc::is_grpc(&req) => grpc.clone(),
+            _ => self.routes.default.clone(),
+        };
+        req.extensions_mut().insert(route);
         self.inner.call(req)
     }
 }

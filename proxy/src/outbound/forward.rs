@@ -155,9 +155,12 @@ where
         };
         Box::pin(async move {
             let (mut rsp, conn) = match sent.await {
-                Ok((rsp, conn)) => {
+                Ok((mut rsp, conn)) => {
                     inflight.responded();
-                    if failures.contains(rsp.status().as_u16()) {
+                    if crate::refusal::take(&mut rsp) {
+                        // The mesh shed load: nothing learned about the endpoint.
+                        attempt.finish(Class::Cancelled);
+                    } else if failures.contains(rsp.status().as_u16()) {
                         attempt.finish(Class::Failure);
                     }
                     (rsp, conn)

@@ -194,6 +194,8 @@ where
 /// How an attempt's result counts for breakers and ejection.
 pub fn classify(res: &Result<Response<ProxyBody>, ProxyError>, failures: &StatusSet) -> Class {
     match res {
+        // Load the mesh shed (`refusal.rs`) says nothing about the target's health.
+        Ok(rsp) if crate::refusal::is_refused(rsp) => Class::Cancelled,
         Ok(rsp) if failures.contains(rsp.status().as_u16()) => Class::Failure,
         Ok(_) => Class::Success,
         Err(
