@@ -5,7 +5,8 @@
 //! target: a busy, healthy upstream must not be ejected or have its breaker opened. An app
 //! cannot forge the marker: the inbound side takes it off the app's answers the same way.
 
-use http::{HeaderName, HeaderValue, Response, StatusCode, Version};
+use http::{header, HeaderName, HeaderValue, Response, StatusCode, Version};
+use std::time::Duration;
 
 pub const REFUSED_HEADER: HeaderName = HeaderName::from_static("x-mesh-refused");
 
@@ -46,6 +47,16 @@ pub fn is_refused<B>(rsp: &Response<B>) -> bool {
     rsp.extensions().get::<Refused>().is_some()
 }
 
+/// How long a refused answer asks the caller to wait (`Retry-After`, in seconds): a retry of
+/// a refusal waits this long instead of its backoff, or not at all when the deadline is nearer.
+pub fn retry_after<B>(rsp: &Response<B>) -> Option<Duration> {
+    if !is_refused(rsp) {
+        return None;
+    }
+    let secs = rsp.headers().get(header::RETRY_AFTER)?.to_str().ok()?;
+    secs.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +81,10 @@ mod tests {
             assert!(!rsp.headers().contains_key(REFUSED_HEADER));
             assert_eq!(rsp.extensions().get::<Refused>().unwrap().0, "queue_full");
             assert!(is_refused(&rsp));
+            assert_eq!(retry_after(&rsp), None, "no Retry-After given");
+            rsp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("3"));
+            assert_eq!(retry_after(&rsp), Some(Duration::from_secs(3)));
         }
     }
 
