@@ -14,6 +14,8 @@ pub enum ProxyError {
     NoRoute { target: String },
     #[error("request names no target (no authority or Host header)")]
     NoAuthority,
+    #[error("malformed request: {reason}")]
+    Malformed { reason: &'static str },
     #[error("{target} has no endpoints")]
     NoEndpoints { target: String },
     #[error("upstream {target} unavailable: {reason}")]
@@ -65,6 +67,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::NoAuthority => "no_authority",
+            ProxyError::Malformed { .. } => "bad_request",
             ProxyError::NoEndpoints { .. } => "no_endpoints",
             ProxyError::Unavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
@@ -87,7 +90,9 @@ impl ProxyError {
             ProxyError::NoRoute { .. } | ProxyError::NoEndpoints { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::NoAuthority | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NoAuthority
+            | ProxyError::Malformed { .. }
+            | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unavailable { .. } | ProxyError::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -118,7 +123,7 @@ impl ProxyError {
             | ProxyError::TooLarge { target, .. }
             | ProxyError::RateLimited { target, .. }
             | ProxyError::Queue { target, .. } => Some(target),
-            ProxyError::NoAuthority | ProxyError::Draining => None,
+            ProxyError::NoAuthority | ProxyError::Malformed { .. } | ProxyError::Draining => None,
         }
     }
 
@@ -145,6 +150,7 @@ impl ProxyError {
                 over_quota: true, ..
             } => grpc::Code::ResourceExhausted,
             ProxyError::NoAuthority
+            | ProxyError::Malformed { .. }
             | ProxyError::RequestBody { .. }
             | ProxyError::BadRequest { .. } => grpc::Code::Internal,
             ProxyError::NoRoute { .. }

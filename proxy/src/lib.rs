@@ -13,6 +13,7 @@ pub mod drain;
 pub mod errors;
 pub mod grpc;
 pub mod health;
+pub mod host;
 pub mod idle;
 pub mod inbound;
 pub mod log;

@@ -4,25 +4,31 @@
 //! call goes over h2c, since gRPC needs HTTP/2, and everything else over HTTP/1.1. Both routes
 //! share the app's one endpoint and its metrics.
 
+use crate::access_log;
+use crate::body::ProxyBody;
 use crate::bootstrap::{AppProtocol, Bootstrap};
 use crate::metrics::TargetMetrics;
 use crate::outbound::balance::{Endpoint, EndpointSet};
 use crate::state::{Backend, Route};
-use http::Request;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_config::Protocol;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 #[derive(Clone, Debug)]
 pub struct LocalTargetLayer {
     routes: Routes,
+    log: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct LocalTarget<S> {
     inner: S,
     routes: Routes,
+    log: bool,
 }
 
 /// The app's route for most requests, and the h2c one gRPC calls take under `auto`.
@@ -68,7 +74,10 @@ impl LocalTargetLayer {
                 grpc: Some(route(Protocol::Http2)),
             },
         };
-        Self { routes }
+        Self {
+            routes,
+            log: boot.log.access,
+        }
     }
 
     pub fn metrics(&self) -> Arc<TargetMetrics> {
@@ -83,27 +92,38 @@ impl<S> tower::Layer<S> for LocalTargetLayer {
         LocalTarget {
             inner,
             routes: self.routes.clone(),
+            log: self.log,
         }
     }
 }
 
 impl<S> tower::Service<Request<Incoming>> for LocalTarget<S>
 where
-    S: tower::Service<Request<Incoming>>,
+    S: tower::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>,
+    >,
 {
-    type Response = S::Response;
-    type Error = S::Error;
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
     type Future = S::Future;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> S::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let route = match &self.routes.grpc {
             Some(grpc) if crate::grpc::is_grpc(&req) => grpc.clone(),
             _ => self.routes.default.clone(),
         };
+        if let Err(err) = crate::host::check(&mut req) {
+            let metrics = route.backend.metrics.clone();
+            let rsp = access_log::reject("inbound", metrics, &req, err, self.log);
+            return Box::pin(async move { Ok(rsp) });
+        }
         req.extensions_mut().insert(route);
         self.inner.call(req)
     }

@@ -1,5 +1,7 @@
 //! Finds where a request goes: by authority (`name`, `name.mesh`, `name.service.consul`), then
-//! by the snapshot's explicit rules (path prefix, headers). No route answers 503 at once.
+//! by the snapshot's explicit rules (path prefix, headers). No route answers 503 at once. On an
+//! upstream port (`[[upstreams]]`) the target is the port's service whatever the authority,
+//! and the same rules apply to it. Host hygiene (`host.rs`) comes first.
 
 use crate::access_log;
 use crate::body::ProxyBody;
@@ -22,6 +24,7 @@ pub struct RouteLayer {
     caller: HeaderValue,
     state: Arc<State>,
     log: bool,
+    fixed: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug)]
@@ -30,6 +33,8 @@ pub struct RouteService<S> {
     caller: HeaderValue,
     state: Arc<State>,
     log: bool,
+    /// The service of an upstream port: every request goes there.
+    fixed: Option<Arc<str>>,
 }
 
 impl RouteLayer {
@@ -38,7 +43,14 @@ impl RouteLayer {
             caller: HeaderValue::from_str(agent).expect("bootstrap checked the agent name"),
             state,
             log,
+            fixed: None,
         }
+    }
+
+    /// Routes every request to `service`, as an upstream port does.
+    pub fn fixed(mut self, service: &str) -> Self {
+        self.fixed = Some(service.into());
+        self
     }
 }
 
@@ -51,6 +63,7 @@ impl<S> tower::Layer<S> for RouteLayer {
             caller: self.caller.clone(),
             state: self.state.clone(),
             log: self.log,
+            fixed: self.fixed.clone(),
         }
     }
 }
@@ -69,7 +82,15 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let table = self.state.load();
-        let Some(authority) = authority(&req) else {
+        if let Err(err) = crate::host::check(&mut req) {
+            let rsp = access_log::reject("outbound", table.unrouted.clone(), &req, err, self.log);
+            return Either::Right(future::ready(Ok(rsp)));
+        }
+        let authority = match &self.fixed {
+            Some(service) => Some(&**service),
+            None => authority(&req),
+        };
+        let Some(authority) = authority else {
             let rsp = access_log::reject(
                 "outbound",
                 table.unrouted.clone(),
