@@ -135,6 +135,14 @@ impl Builder {
         self
     }
 
+    /// Gives `service` its own local port (`[[upstreams]]`, on `127.0.0.1:0`).
+    pub fn upstream(mut self, service: &str) -> Self {
+        self.extra.push_str(&format!(
+            "\n[[upstreams]]\nservice = {service:?}\nlisten = \"127.0.0.1:0\"\n"
+        ));
+        self
+    }
+
     /// Appends bootstrap sections verbatim, e.g. `[control]` for the control channel.
     pub fn bootstrap_extra(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
@@ -306,6 +314,15 @@ impl TestProxy {
 
     pub fn outbound(&self) -> SocketAddr {
         self.outbound
+    }
+
+    /// The upstream port of `service` (see [`Builder::upstream`]).
+    pub fn upstream(&self, service: &str) -> SocketAddr {
+        self.running
+            .as_ref()
+            .and_then(|r| r.upstreams().iter().find(|(s, _)| s == service))
+            .map(|(_, addr)| *addr)
+            .unwrap_or_else(|| panic!("the proxy has no upstream port for {service:?}"))
     }
 
     /// The inbound listener; panics if the proxy was built without `inbound_app`.
