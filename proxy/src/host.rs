@@ -7,30 +7,54 @@
 use crate::errors::ProxyError;
 use http::{header, HeaderValue, Request};
 
-/// Checks and reconciles `Host`; an error is the 400 the caller gets.
+/// What a request names as its target, after the hygiene checks.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Named<'a> {
+    /// The URI authority, else the one `Host` (non-empty), else `None`.
+    pub authority: Option<&'a str>,
+    /// A `Host` disagrees with the URI authority: [`align`] must replace it.
+    pub misaligned: bool,
+}
+
+/// Reads the request's authority with one `Host` lookup; more than one `Host` is the 400 the
+/// caller gets.
 #[inline]
-pub fn check<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+pub fn inspect<B>(req: &Request<B>) -> Result<Named<'_>, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    let first = hosts.next();
+    let host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::Malformed {
             reason: "more than one Host header",
         });
     }
-    let disagrees = match (req.uri().authority(), first) {
-        (Some(authority), Some(host)) => authority.as_str().as_bytes() != host.as_bytes(),
-        _ => false,
+    Ok(match req.uri().authority() {
+        Some(authority) => Named {
+            authority: Some(authority.as_str()),
+            misaligned: host.is_some_and(|h| h.as_bytes() != authority.as_str().as_bytes()),
+        },
+        None => Named {
+            authority: host.and_then(|h| h.to_str().ok()).filter(|h| !h.is_empty()),
+            misaligned: false,
+        },
+    })
+}
+
+/// Replaces `Host` with the URI authority.
+pub fn align<B>(req: &mut Request<B>) {
+    let Some(authority) = req.uri().authority() else {
+        return;
     };
-    if disagrees {
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str())
-            .unwrap_or_default();
-        // An authority hyper parsed is a valid header value.
-        if let Ok(v) = HeaderValue::from_str(authority) {
-            req.headers_mut().insert(header::HOST, v);
-        }
+    // An authority hyper parsed is a valid header value.
+    if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+}
+
+/// [`inspect`] and [`align`] for a listener that does not route by authority (inbound).
+#[inline]
+pub fn check<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    if inspect(req)?.misaligned {
+        align(req);
     }
     Ok(())
 }
@@ -62,5 +86,8 @@ mod tests {
         let mut req = Request::get("/x").header("host", "c").body(()).unwrap();
         check(&mut req).unwrap();
         assert_eq!(req.headers()["host"], "c");
+        assert_eq!(inspect(&req).unwrap().authority, Some("c"));
+        let req = Request::get("/x").header("host", "").body(()).unwrap();
+        assert_eq!(inspect(&req).unwrap().authority, None);
     }
 }

@@ -6,9 +6,10 @@
 use crate::access_log;
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
+use crate::host;
 use crate::state::State;
 use futures_util::future::{self, Either, Ready};
-use http::{header, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use mesh_config::snapshot::normalize_authority;
 use std::borrow::Cow;
@@ -82,13 +83,18 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let table = self.state.load();
-        if let Err(err) = crate::host::check(&mut req) {
-            let rsp = access_log::reject("outbound", table.unrouted.clone(), &req, err, self.log);
-            return Either::Right(future::ready(Ok(rsp)));
-        }
+        let named = match host::inspect(&req) {
+            Ok(named) => named,
+            Err(err) => {
+                let rsp =
+                    access_log::reject("outbound", table.unrouted.clone(), &req, err, self.log);
+                return Either::Right(future::ready(Ok(rsp)));
+            }
+        };
+        let misaligned = named.misaligned;
         let authority = match &self.fixed {
             Some(service) => Some(&**service),
-            None => authority(&req),
+            None => named.authority,
         };
         let Some(authority) = authority else {
             let rsp = access_log::reject(
@@ -103,6 +109,9 @@ where
         let name = lowercase(normalize_authority(authority));
         match table.route(&name, req.uri().path(), req.headers()) {
             Some(route) => {
+                if misaligned {
+                    host::align(&mut req);
+                }
                 req.headers_mut().insert(CALLER_HEADER, self.caller.clone());
                 req.extensions_mut().insert(route);
                 Either::Left(self.inner.call(req))
@@ -117,17 +126,6 @@ where
             }
         }
     }
-}
-
-/// The target named by the request: the URI authority (HTTP/2, absolute-form) or `Host`.
-fn authority<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
-    }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty())
 }
 
 fn lowercase(name: &str) -> Cow<'_, str> {
