@@ -106,6 +106,9 @@ impl Rule {
     }
 }
 
+/// An endpoint of one service: (service name, address).
+type EndpointKey = (Arc<str>, SocketAddr);
+
 /// Builds route tables, keeping endpoint load statistics across snapshots so a swap does not
 /// reset what the balancer learned. Endpoints are keyed by service and address: two services
 /// that share an address (a canary on the same sidecar, say) have their own breaker, labels,
@@ -114,7 +117,7 @@ impl Rule {
 pub struct Compiler {
     agent: String,
     phase: Phase,
-    endpoints: Mutex<HashMap<(Arc<str>, SocketAddr), Arc<Endpoint>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
     resilience: Mutex<Memory>,
 }
 

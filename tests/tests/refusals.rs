@@ -167,10 +167,7 @@ async fn inbound_queue_refusals_are_neither_failures_nor_seen_by_the_agent() {
     let c = client::http1(a.outbound());
 
     // One request holds the app's only slot; the next four are refused at once.
-    let held = {
-        let c = c.clone();
-        tokio::spawn(async move { c.get("b", "/held").await })
-    };
+    let held = tokio::spawn(async move { c.get("b", "/held").await });
     app.wait_requests(1).await;
     for _ in 0..4 {
         let reply = c.get("b", "/").await;
@@ -206,19 +203,13 @@ async fn a_retry_after_a_refusal_waits_for_retry_after() {
         .start()
         .await;
     let c = client::http1(a.outbound());
-    let held = {
-        let c = c.clone();
-        tokio::spawn(async move { c.get("b2", "/held").await })
-    };
+    let held = tokio::spawn(async move { c.get("b2", "/held").await });
     app.wait_requests(1).await;
 
     // The first attempt is refused with `Retry-After: 1`; the slot frees meanwhile, and the
     // retry, sent after the second the refusal asked for rather than after 1 ms, gets through.
     let started = Instant::now();
-    let call = {
-        let c = c.clone();
-        tokio::spawn(async move { c.get("b2", "/retried").await })
-    };
+    let call = tokio::spawn(async move { c.get("b2", "/retried").await });
     wait_for_metric(
         b.admin(),
         "agent_errors_total",
