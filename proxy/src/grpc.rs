@@ -1,6 +1,9 @@
 //! What the mesh needs to know of gRPC: which requests are gRPC, the caller's `grpc-timeout`,
-//! and the answer a gRPC client can read when the mesh itself fails a call (HTTP 200 with
-//! `grpc-status` and `grpc-message` in a trailers-only response, as Envoy and linkerd answer).
+//! the answer a gRPC client can read when the mesh itself fails a call (HTTP 200 with
+//! `grpc-status` and `grpc-message` in a trailers-only response, as Envoy and linkerd answer),
+//! and what such an answer from upstream means to breakers and ejection: its gRPC status read
+//! as the HTTP status Envoy maps it to, so a peer sidecar's `UNAVAILABLE` for a dead app counts
+//! like its 502 would.
 
 use crate::body::ProxyBody;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode, Version};
@@ -15,7 +18,6 @@ pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 #[repr(u8)]
 pub enum Code {
     DeadlineExceeded = 4,
-    PermissionDenied = 7,
     ResourceExhausted = 8,
     Internal = 13,
     Unavailable = 14,
@@ -56,6 +58,56 @@ pub fn timeout(headers: &HeaderMap) -> Option<Duration> {
         b'n' => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// In an answer's extensions when its head carried a gRPC status: the HTTP status it stands
+/// for, which breakers and ejection judge instead of the 200.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadStatus(pub u16);
+
+/// For the answer to a gRPC call: records a trailers-only status as [`HeadStatus`] and returns
+/// the status breakers and ejection judge.
+pub fn judge<B>(rsp: &mut Response<B>) -> u16 {
+    let status = rsp.status().as_u16();
+    if status != 200 {
+        return status;
+    }
+    let Some(code) = rsp.headers().get(GRPC_STATUS) else {
+        return status;
+    };
+    let mapped = std::str::from_utf8(code.as_bytes())
+        .ok()
+        .and_then(|c| c.parse::<u8>().ok())
+        .map_or(500, http_equivalent);
+    rsp.extensions_mut().insert(HeadStatus(mapped));
+    mapped
+}
+
+/// The status breakers and ejection judge an answer by: its gRPC one when [`judge`] found one.
+#[inline]
+pub fn judged_status<B>(rsp: &Response<B>) -> u16 {
+    match rsp.extensions().get::<HeadStatus>() {
+        Some(s) => s.0,
+        None => rsp.status().as_u16(),
+    }
+}
+
+/// gRPC status to HTTP status, as Envoy maps them (`grpcToHttpStatus`).
+fn http_equivalent(code: u8) -> u16 {
+    match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        _ => 500,
+    }
 }
 
 /// A trailers-only gRPC answer: HTTP 200, no message, the status in the head.
@@ -137,6 +189,19 @@ mod tests {
         assert_eq!(t("m"), None);
         assert_eq!(t("10x"), None);
         assert_eq!(t("-1S"), None);
+    }
+
+    #[test]
+    fn a_grpc_status_in_the_head_is_judged_as_its_http_equivalent() {
+        let mut rsp = error_response(Code::Unavailable, "down");
+        assert_eq!(judge(&mut rsp), 503);
+        assert_eq!(judged_status(&rsp), 503);
+        let mut rsp = error_response(Code::DeadlineExceeded, "slow");
+        assert_eq!(judge(&mut rsp), 504);
+        // A head without a status (the status will come in trailers) stays a 200.
+        let mut rsp = Response::new(());
+        assert_eq!(judge(&mut rsp), 200);
+        assert_eq!(judged_status(&rsp), 200);
     }
 
     #[test]

@@ -162,3 +162,52 @@ async fn the_callers_rate_limit_is_resource_exhausted() {
     let over = call(&a, "ollama", "Unary", "two", "10").await;
     assert_eq!(code(&over), 8, "{over}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_app_behind_its_sidecar_opens_the_callers_breaker_for_grpc_calls() {
+    // Sidecar B answers for its dead app with UNAVAILABLE in a 200; sidecar A reads it as the
+    // 503 it stands for, so two in a row open A's breaker for B as two 502s would.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let b = proxy::builder().agent("b").inbound_app(dead).start().await;
+    let snap = snapshot(1).service(
+        service("b-dead")
+            .http2()
+            .endpoint(b.inbound())
+            .policy("retry", "{ max_attempts = 1 }")
+            .policy(
+                "breaker",
+                "{ consecutive_failures = 2, failure_ratio = 0.0, cooldown = \"30s\" }",
+            ),
+    );
+    let a = proxy::builder()
+        .agent("a")
+        .snapshot(snap.to_toml())
+        .start()
+        .await;
+    for _ in 0..2 {
+        let out = call(&a, "b-dead", "Unary", "x", "10").await;
+        assert_eq!(code(&out), 14, "{out}");
+        assert!(
+            !out["details"].as_str().unwrap().contains("circuit breaker"),
+            "{out}"
+        );
+    }
+    mesh_tests::metrics::wait_for_metric(
+        a.admin(),
+        "agent_circuit_breaker_state",
+        &[("target", "b-dead"), ("endpoint", "")],
+        1.0,
+    )
+    .await;
+    let open = call(&a, "b-dead", "Unary", "x", "10").await;
+    assert_eq!(code(&open), 14, "{open}");
+    assert!(
+        open["details"]
+            .as_str()
+            .unwrap()
+            .contains("circuit breaker"),
+        "{open}"
+    );
+}

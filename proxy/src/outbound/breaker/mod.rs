@@ -196,7 +196,7 @@ pub fn classify(res: &Result<Response<ProxyBody>, ProxyError>, failures: &Status
     match res {
         // Load the mesh shed (`refusal.rs`) says nothing about the target's health.
         Ok(rsp) if crate::refusal::is_refused(rsp) => Class::Cancelled,
-        Ok(rsp) if failures.contains(rsp.status().as_u16()) => Class::Failure,
+        Ok(rsp) if failures.contains(crate::grpc::judged_status(rsp)) => Class::Failure,
         Ok(_) => Class::Success,
         Err(
             ProxyError::Unavailable { .. }
