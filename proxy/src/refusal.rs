@@ -21,14 +21,14 @@ pub fn mark<B>(rsp: &mut Response<B>, reason: &'static str) {
 }
 
 /// Takes the marker off an upstream's answer and records it as [`Refused`]; true when the
-/// answer was a refusal. Only the statuses a refusal has are looked at: 429, 503, and 200 over
-/// HTTP/2 (a gRPC refusal), so most answers cost a compare.
+/// answer was a refusal. Only the statuses a refusal has are looked at: 429, 503, and for a
+/// gRPC call (`grpc`) a 200 over HTTP/2, so most answers cost a compare.
 #[inline]
-pub fn take<B>(rsp: &mut Response<B>) -> bool {
+pub fn take<B>(rsp: &mut Response<B>, grpc: bool) -> bool {
     let status = rsp.status();
     let candidate = status == StatusCode::SERVICE_UNAVAILABLE
         || status == StatusCode::TOO_MANY_REQUESTS
-        || (status == StatusCode::OK && rsp.version() == Version::HTTP_2);
+        || (grpc && status == StatusCode::OK && rsp.version() == Version::HTTP_2);
     if !candidate {
         return false;
     }
@@ -77,7 +77,7 @@ mod tests {
             (200, Version::HTTP_2),
         ] {
             let mut rsp = answer(status, version);
-            assert!(take(&mut rsp), "{status}");
+            assert!(take(&mut rsp, true), "{status}");
             assert!(!rsp.headers().contains_key(REFUSED_HEADER));
             assert_eq!(rsp.extensions().get::<Refused>().unwrap().0, "queue_full");
             assert!(is_refused(&rsp));
@@ -92,10 +92,13 @@ mod tests {
     fn other_answers_are_not_refusals() {
         // A 500 can be no refusal: the marker on it is left for nobody to trust.
         let mut rsp = answer(500, Version::HTTP_11);
-        assert!(!take(&mut rsp));
+        assert!(!take(&mut rsp, false));
         assert!(!is_refused(&rsp));
+        // A 200 is a refusal only as the answer to a gRPC call.
+        let mut rsp = answer(200, Version::HTTP_2);
+        assert!(!take(&mut rsp, false));
         let mut rsp = Response::new(());
         *rsp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        assert!(!take(&mut rsp));
+        assert!(!take(&mut rsp, true));
     }
 }

@@ -4,6 +4,8 @@
         unary, server-streaming, client-streaming and bidi calls to mesh.test.Echo
     grpc_client.py ADDR AUTHORITY call METHOD PAYLOAD [TIMEOUT_S]
         one unary call: its code, details, trailing metadata and elapsed time
+    grpc_client.py ADDR AUTHORITY burst METHOD PAYLOAD N
+        N unary calls one after another: the list of their results
 
 AUTHORITY is the `:authority` sent (the target's name); empty means the address itself.
 """
@@ -60,6 +62,9 @@ def main():
     with channel(addr, authority) as ch:
         if what == "calls":
             out = calls(ch)
+        elif what == "burst":
+            method, payload, n = sys.argv[4:7]
+            out = [call(ch, method, payload, 10) for _ in range(int(n))]
         elif what == "call":
             method, payload = sys.argv[4:6]
             timeout = float(sys.argv[6]) if len(sys.argv) > 6 else 10

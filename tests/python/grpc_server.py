@@ -1,8 +1,9 @@
 """A grpcio server for the mesh's gRPC scenarios, without generated code: methods of
 `mesh.test.Echo` take and return raw bytes.
 
-Prints `PORT <n>` once serving on 127.0.0.1, then `CANCELLED <method>` whenever a call's
-client went away (deadline or cancel) before it finished. Ends when stdin closes.
+Prints `PORT <n>` once serving on 127.0.0.1, `STARTED Sleep` when a Sleep call begins, and
+`CANCELLED Sleep` when its client went away (deadline or cancel) before it finished. Ends when
+stdin closes.
 """
 import sys
 import time
@@ -35,7 +36,7 @@ def _code(n):
 
 def sleep(request, context):
     # Sleeps the given milliseconds unless the client goes away first.
-    context.add_callback(lambda: None)
+    say("STARTED Sleep")
     deadline = time.monotonic() + int(request) / 1000
     while time.monotonic() < deadline:
         if not context.is_active():

@@ -211,3 +211,69 @@ async fn a_dead_app_behind_its_sidecar_opens_the_callers_breaker_for_grpc_calls(
         "{open}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callee_sidecars_refusals_are_unavailable_and_leave_the_breaker_closed() {
+    // B lets one call reach its app at a time and queues none: while a slow call holds the
+    // slot, B refuses the others with UNAVAILABLE marked as a refusal, which A passes on
+    // without counting it; two real failures would open A's breaker.
+    let mut app = python::server("grpc_server.py", &[]).await;
+    let b = proxy::builder()
+        .agent("b")
+        .inbound_app(app.addr)
+        .inbound_limits(1, 0, "1s")
+        .start()
+        .await;
+    let snap = snapshot(1).service(
+        service("b-busy")
+            .http2()
+            .endpoint(b.inbound())
+            .policy("retry", "{ max_attempts = 1 }")
+            .policy(
+                "breaker",
+                "{ consecutive_failures = 2, failure_ratio = 0.0, cooldown = \"30s\" }",
+            ),
+    );
+    let a = proxy::builder()
+        .agent("a")
+        .snapshot(snap.to_toml())
+        .start()
+        .await;
+    let addr = a.outbound().to_string();
+    let slow = {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            python::run(
+                "grpc_client.py",
+                &[&addr, "b-busy", "call", "Sleep", "2000", "10"],
+            )
+            .await
+        })
+    };
+    app.wait_line("the slow call to reach the app", |l| l == "STARTED Sleep")
+        .await;
+    let burst = python::run(
+        "grpc_client.py",
+        &[&addr, "b-busy", "burst", "Unary", "x", "4"],
+    )
+    .await;
+    for out in burst.as_array().unwrap() {
+        assert_eq!(code(out), 14, "{burst}");
+        assert!(
+            out["details"]
+                .as_str()
+                .unwrap()
+                .contains("concurrency limit"),
+            "{burst}"
+        );
+        assert!(out["trailing"].get("x-mesh-refused").is_none(), "{burst}");
+    }
+    let slow = mesh_tests::bounded("the slow call", slow)
+        .await
+        .expect("task");
+    assert_eq!(code(&slow), 0, "{slow}");
+    // Four refusals, twice the threshold: the breaker is closed and the app is reached.
+    let after = call(&a, "b-busy", "Unary", "after", "10").await;
+    assert_eq!(code(&after), 0, "{after}");
+    assert_eq!(after["reply"], "after");
+}

@@ -158,7 +158,7 @@ where
             let (mut rsp, conn) = match sent.await {
                 Ok((mut rsp, conn)) => {
                     inflight.responded();
-                    if crate::refusal::take(&mut rsp) {
+                    if crate::refusal::take(&mut rsp, grpc) {
                         // The mesh shed load: nothing learned about the endpoint.
                         attempt.finish(Class::Cancelled);
                     } else if failures.contains(match grpc {
