@@ -191,7 +191,9 @@ where
     })
 }
 
-/// How an attempt's result counts for breakers and ejection.
+/// How an attempt's result counts for breakers and ejection. A refusal the mesh marked
+/// (`refusal.rs`) counts as neither success nor failure; a gRPC status in the head counts as
+/// the HTTP status it stands for (`grpc.rs`).
 pub fn classify(res: &Result<Response<ProxyBody>, ProxyError>, failures: &StatusSet) -> Class {
     match res {
         // Load the mesh shed (`refusal.rs`) says nothing about the target's health.
