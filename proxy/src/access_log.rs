@@ -229,6 +229,8 @@ where
             .map(|r| r.backend.metrics.clone())
             .unwrap_or_else(|| self.fallback.clone());
         let mut record = AccessRecord::start(self.direction, metrics, &req, self.log);
+        let grpc = crate::grpc::is_grpc(&req);
+        let direction = self.direction;
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut rsp = match fut.await {
@@ -237,8 +239,12 @@ where
                     rsp
                 }
                 Err(e) => {
-                    let rsp = e.to_response();
-                    record.set_error(rsp.status().as_u16(), &e);
+                    let mut rsp = e.respond(grpc);
+                    // The caller's sidecar reads the marker; the agent never sees it.
+                    if let (true, Some(reason)) = (direction == "inbound", e.refusal()) {
+                        crate::refusal::mark(&mut rsp, reason);
+                    }
+                    record.set_error(e.status().as_u16(), &e);
                     rsp
                 }
             };
@@ -257,8 +263,8 @@ pub fn reject<B>(
     log: bool,
 ) -> Response<ProxyBody> {
     let mut record = AccessRecord::start(direction, metrics, req, log);
-    let mut rsp = err.to_response();
-    record.set_error(rsp.status().as_u16(), &err);
+    let mut rsp = err.respond(crate::grpc::is_grpc(req));
+    record.set_error(err.status().as_u16(), &err);
     rsp.body_mut().attach_record(record);
     rsp
 }

@@ -46,6 +46,7 @@ pub struct Running {
     state: Arc<State>,
     stop: watch::Sender<bool>,
     registration: Option<Arc<crate::consul_register::Registration>>,
+    upstreams: Vec<(String, SocketAddr)>,
 }
 
 /// Binds every listener, then serves in tasks on the current runtime.
@@ -76,6 +77,14 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         None => None,
     };
     let admin_l = bind("admin", boot.listen.admin).await?;
+    let mut upstream_ls = Vec::with_capacity(boot.upstreams.len());
+    for up in &boot.upstreams {
+        upstream_ls.push((up.service.clone(), bind("upstream", up.listen).await?));
+    }
+    let upstreams: Vec<(String, SocketAddr)> = upstream_ls
+        .iter()
+        .map(|(service, l)| (service.clone(), local_addr(l)))
+        .collect();
     if let Some(port) = boot.listen.inbound.map(|a| a.port()) {
         // Agents' mesh ports are 10000-10599 by platform rule; 0 lets the OS pick (tests).
         if port != 0 && !(10000..=10599).contains(&port) {
@@ -105,6 +114,16 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         detect_timeout,
     };
     tokio::spawn(outbound.run(watch.clone()));
+    for (service, listener) in upstream_ls {
+        let upstream = Accept {
+            name: "upstream",
+            listener,
+            builder: builder.clone(),
+            service: outbound::upstream_stack(&boot, &service, state.clone(), pools.clone()),
+            detect_timeout,
+        };
+        tokio::spawn(upstream.run(watch.clone()));
+    }
 
     let mut app = None;
     let limit = inbound::concurrency::ConcurrencyLayer::new(&boot.inbound);
@@ -190,6 +209,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         outbound = %addrs.outbound,
         inbound = addrs.inbound.map(|a| a.to_string()),
         admin = %addrs.admin,
+        upstreams = ?upstreams,
         snapshot_version = state.load().version(),
         "proxy ready"
     );
@@ -200,6 +220,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         state,
         stop,
         registration,
+        upstreams,
     })
 }
 
@@ -216,6 +237,11 @@ impl Running {
     /// Count of snapshots rejected so far.
     pub fn snapshot_rejections(&self) -> watch::Receiver<u64> {
         self.state.rejections()
+    }
+
+    /// Where each upstream port listens: (service, address), in bootstrap order.
+    pub fn upstreams(&self) -> &[(String, SocketAddr)] {
+        &self.upstreams
     }
 
     pub fn state(&self) -> &Arc<State> {

@@ -37,6 +37,19 @@ pub struct Bootstrap {
     /// Registers the agent in Consul on start and deregisters it on shutdown.
     #[serde(default)]
     pub consul: Option<ConsulRegistration>,
+    /// `[[upstreams]]`: local ports that each stand for one target, whatever the Host.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamPort>,
+}
+
+/// `[[upstreams]]`: a local listener whose every request goes to `service`, as Consul
+/// Connect's `local_bind_port`, so clients that send their own address as Host (the
+/// official Ollama and OpenAI clients) reach the mesh unchanged.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamPort {
+    pub service: String,
+    pub listen: SocketAddr,
 }
 
 /// `[control]`. With a control address, the snapshot comes from the control process. At start
@@ -87,6 +100,9 @@ pub struct Inbound {
     /// the Ollama server and the queue set by the snapshot's `[ollama.gateway]`.
     #[serde(default)]
     pub mode: InboundMode,
+    /// How the sidecar speaks to the app: HTTP/1.1, h2c, or by request (`auto`).
+    #[serde(default)]
+    pub protocol: AppProtocol,
     /// The agent's own HTTP port on localhost.
     #[serde(default = "default_app")]
     pub app: SocketAddr,
@@ -111,7 +127,19 @@ pub enum InboundMode {
     Ollama,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+/// The protocol of the app's port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    Http1,
+    /// h2c with prior knowledge for every request.
+    Http2,
+    /// gRPC requests (`content-type: application/grpc*`) over h2c, others over HTTP/1.1.
+    #[default]
+    Auto,
+}
+
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSource {
     /// A snapshot TOML file, polled for changes. Without it the sidecar starts with no routes.
@@ -222,6 +250,35 @@ impl Bootstrap {
         if self.snapshot.poll_interval.is_zero() {
             return fail("snapshot.poll_interval: must be greater than zero");
         }
+        for (i, up) in self.upstreams.iter().enumerate() {
+            if up.service.is_empty()
+                || up.service.len() > 63
+                || !up
+                    .service
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return fail(&format!(
+                    "upstreams[{i}].service: {:?} is not a service name (lower-case letters, digits, '-')",
+                    up.service
+                ));
+            }
+            let clash = [
+                Some(self.listen.outbound),
+                self.listen.inbound,
+                Some(self.listen.admin),
+            ]
+            .into_iter()
+            .flatten()
+            .chain(self.upstreams[..i].iter().map(|u| u.listen))
+            .any(|a| a == up.listen && a.port() != 0);
+            if clash {
+                return fail(&format!(
+                    "upstreams[{i}].listen: {} is already a listener of this sidecar",
+                    up.listen
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -232,12 +289,22 @@ impl Default for Inbound {
     fn default() -> Self {
         Self {
             mode: InboundMode::App,
+            protocol: AppProtocol::Auto,
             app: default_app(),
             max_concurrency: default_max_concurrency(),
             queue_depth: default_queue_depth(),
             queue_timeout: default_queue_timeout(),
             timeout: default_inbound_timeout(),
             stream_idle_timeout: default_stream_idle_timeout(),
+        }
+    }
+}
+
+impl Default for SnapshotSource {
+    fn default() -> Self {
+        Self {
+            file: None,
+            poll_interval: default_poll_interval(),
         }
     }
 }
@@ -357,5 +424,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("sidecar.toml:4:"), "{err}");
+    }
+
+    const HEAD: &str =
+        "agent = \"a\"\nphase = \"critical\"\n[listen]\noutbound = \"127.0.0.1:15001\"\n";
+
+    #[test]
+    fn app_protocol_defaults_to_auto_and_parses() {
+        let boot = Bootstrap::from_toml(Path::new("s.toml"), HEAD).unwrap();
+        assert_eq!(boot.inbound.protocol, AppProtocol::Auto);
+        let text = format!("{HEAD}[inbound]\nprotocol = \"http2\"\n");
+        let boot = Bootstrap::from_toml(Path::new("s.toml"), &text).unwrap();
+        assert_eq!(boot.inbound.protocol, AppProtocol::Http2);
+        let text = format!("{HEAD}[inbound]\nprotocol = \"h3\"\n");
+        assert!(Bootstrap::from_toml(Path::new("s.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn upstream_ports_are_checked() {
+        let ok =
+            format!("{HEAD}[[upstreams]]\nservice = \"ollama\"\nlisten = \"127.0.0.1:11434\"\n");
+        let boot = Bootstrap::from_toml(Path::new("s.toml"), &ok).unwrap();
+        assert_eq!(boot.upstreams[0].service, "ollama");
+        let clash =
+            format!("{HEAD}[[upstreams]]\nservice = \"ollama\"\nlisten = \"127.0.0.1:15001\"\n");
+        let err = Bootstrap::from_toml(Path::new("s.toml"), &clash).unwrap_err();
+        assert!(err.to_string().contains("already a listener"), "{err}");
+        let bad =
+            format!("{HEAD}[[upstreams]]\nservice = \"Ollama.mesh\"\nlisten = \"127.0.0.1:1\"\n");
+        let err = Bootstrap::from_toml(Path::new("s.toml"), &bad).unwrap_err();
+        assert!(err.to_string().contains("not a service name"), "{err}");
     }
 }

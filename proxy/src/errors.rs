@@ -1,6 +1,7 @@
 //! Why a request failed inside the proxy, and the response the caller gets for it.
 
 use crate::body::ProxyBody;
+use crate::grpc;
 use http::{header, HeaderValue, Response, StatusCode};
 use mesh_config::Phase;
 use std::time::Duration;
@@ -13,6 +14,8 @@ pub enum ProxyError {
     NoRoute { target: String },
     #[error("request names no target (no authority or Host header)")]
     NoAuthority,
+    #[error("malformed request: {reason}")]
+    Malformed { reason: &'static str },
     #[error("{target} has no endpoints")]
     NoEndpoints { target: String },
     #[error("upstream {target} unavailable: {reason}")]
@@ -64,6 +67,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::NoAuthority => "no_authority",
+            ProxyError::Malformed { .. } => "bad_request",
             ProxyError::NoEndpoints { .. } => "no_endpoints",
             ProxyError::Unavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
@@ -86,7 +90,9 @@ impl ProxyError {
             ProxyError::NoRoute { .. } | ProxyError::NoEndpoints { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::NoAuthority | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NoAuthority
+            | ProxyError::Malformed { .. }
+            | ProxyError::RequestBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::BreakerOpen { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unavailable { .. } | ProxyError::UpstreamFailed { .. } => {
                 StatusCode::BAD_GATEWAY
@@ -117,7 +123,70 @@ impl ProxyError {
             | ProxyError::TooLarge { target, .. }
             | ProxyError::RateLimited { target, .. }
             | ProxyError::Queue { target, .. } => Some(target),
-            ProxyError::NoAuthority | ProxyError::Draining => None,
+            ProxyError::NoAuthority | ProxyError::Malformed { .. } | ProxyError::Draining => None,
+        }
+    }
+
+    /// Answers the mesh makes to shed load, not failures of the target: the reason carried in
+    /// `x-mesh-refused` (see `refusal.rs`). `None` for every other error.
+    pub fn refusal(&self) -> Option<&'static str> {
+        match self {
+            ProxyError::Overloaded { .. } => Some("overloaded"),
+            ProxyError::RateLimited { .. } => Some("rate_limited"),
+            ProxyError::Draining => Some("draining"),
+            // A gateway whose dispatcher is gone is failing, not shedding load.
+            ProxyError::Queue { reason, .. } if *reason != "ollama_unavailable" => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The gRPC status a gRPC caller gets for this error.
+    pub fn grpc_code(&self) -> grpc::Code {
+        match self {
+            ProxyError::Timeout { .. } => grpc::Code::DeadlineExceeded,
+            ProxyError::RateLimited { .. }
+            | ProxyError::TooLarge { .. }
+            | ProxyError::Queue {
+                over_quota: true, ..
+            } => grpc::Code::ResourceExhausted,
+            ProxyError::NoAuthority
+            | ProxyError::Malformed { .. }
+            | ProxyError::RequestBody { .. }
+            | ProxyError::BadRequest { .. } => grpc::Code::Internal,
+            ProxyError::NoRoute { .. }
+            | ProxyError::NoEndpoints { .. }
+            | ProxyError::Unavailable { .. }
+            | ProxyError::UpstreamFailed { .. }
+            | ProxyError::Overloaded { .. }
+            | ProxyError::Draining
+            | ProxyError::BreakerOpen { .. }
+            | ProxyError::Queue { .. } => grpc::Code::Unavailable,
+        }
+    }
+
+    /// The response for a caller: a gRPC status for a gRPC call, else [`Self::to_response`].
+    /// The `x-mesh-refused` marker is set by the inbound side (`access_log`), never here.
+    pub fn respond(&self, grpc: bool) -> Response<ProxyBody> {
+        if !grpc {
+            return self.to_response();
+        }
+        let mut rsp = grpc::error_response(self.grpc_code(), &self.to_string());
+        if let Some(secs) = self.retry_after() {
+            rsp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        rsp
+    }
+
+    /// Whole seconds a caller should wait before trying again, when the error says.
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::Overloaded { retry_after, .. }
+            | ProxyError::BreakerOpen { retry_after, .. }
+            | ProxyError::RateLimited { retry_after, .. }
+            | ProxyError::Queue { retry_after, .. } => Some(ceil_secs(*retry_after)),
+            ProxyError::NoEndpoints { .. } | ProxyError::Draining => Some(1),
+            _ => None,
         }
     }
 
@@ -157,15 +226,7 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let retry_after = match self {
-            ProxyError::Overloaded { retry_after, .. }
-            | ProxyError::BreakerOpen { retry_after, .. }
-            | ProxyError::RateLimited { retry_after, .. }
-            | ProxyError::Queue { retry_after, .. } => Some(ceil_secs(*retry_after)),
-            ProxyError::NoEndpoints { .. } | ProxyError::Draining => Some(1),
-            _ => None,
-        };
-        if let Some(secs) = retry_after {
+        if let Some(secs) = self.retry_after() {
             rsp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

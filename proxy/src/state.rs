@@ -106,13 +106,18 @@ impl Rule {
     }
 }
 
+/// An endpoint of one service: (service name, address).
+type EndpointKey = (Arc<str>, SocketAddr);
+
 /// Builds route tables, keeping endpoint load statistics across snapshots so a swap does not
-/// reset what the balancer learned.
+/// reset what the balancer learned. Endpoints are keyed by service and address: two services
+/// that share an address (a canary on the same sidecar, say) have their own breaker, labels,
+/// statistics and connections.
 #[derive(Debug)]
 pub struct Compiler {
     agent: String,
     phase: Phase,
-    endpoints: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
     resilience: Mutex<Memory>,
 }
 
@@ -143,8 +148,9 @@ impl Compiler {
                 .map(|addr| {
                     // An endpoint keeps its statistics and breaker while its breaker's
                     // parameters stay the same.
+                    let key = (name.clone(), *addr);
                     let ep = known
-                        .get(addr)
+                        .get(&key)
                         .filter(|ep| {
                             ep.breaker.as_ref().map(|b| *b.params()) == policies.endpoint_breaker
                         })
@@ -155,7 +161,7 @@ impl Compiler {
                                 .map(|p| Breaker::new(p, &svc.name, &addr.to_string()));
                             Arc::new(Endpoint::with_breaker(*addr, breaker))
                         });
-                    live.insert(*addr, ep.clone());
+                    live.insert(key, ep.clone());
                     ep
                 })
                 .collect();
@@ -282,5 +288,36 @@ impl State {
 
     pub fn rejections(&self) -> watch::Receiver<u64> {
         self.rejections_tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compile(c: &Compiler, version: u64) -> RouteTable {
+        let text = format!(
+            "version = {version}\n\n[[services]]\nname = \"b\"\nendpoints = [\"127.0.0.1:10300\"]\n\n\
+             [[services]]\nname = \"b-canary\"\nendpoints = [\"127.0.0.1:10300\"]\n"
+        );
+        let snap = mesh_config::load::snapshot_str(std::path::Path::new("s.toml"), &text).unwrap();
+        c.compile(snap)
+    }
+
+    fn endpoint(t: &RouteTable, name: &str) -> Arc<Endpoint> {
+        t.backend(name).unwrap().endpoints.pick().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn services_sharing_an_address_have_their_own_endpoint_and_keep_it() {
+        let c = Compiler::new("a", Phase::Critical);
+        let first = compile(&c, 1);
+        let (b, canary) = (endpoint(&first, "b"), endpoint(&first, "b-canary"));
+        assert_eq!(b.addr, canary.addr);
+        assert!(!Arc::ptr_eq(&b, &canary), "one breaker for two services");
+        // A new snapshot keeps each service's endpoint, with what it learned.
+        let second = compile(&c, 2);
+        assert!(Arc::ptr_eq(&b, &endpoint(&second, "b")));
+        assert!(Arc::ptr_eq(&canary, &endpoint(&second, "b-canary")));
     }
 }

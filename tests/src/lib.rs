@@ -2,8 +2,9 @@
 //! HTTP/1.1, h2c and raw TCP (`client`), an HTTP/2 peer written frame by frame (`h2_peer`), the
 //! proxy under test in-process or as a child process
 //! (`proxy`), an app that calls onward through its sidecar (`relay`), snapshot text builders
-//! (`snapshot`), metric lookups (`metrics`), a closed-loop workload (`load`) and a service whose
-//! replicas are real sidecar processes a test can kill (`replicas`).
+//! (`snapshot`), metric lookups (`metrics`), a closed-loop workload (`load`), a service whose
+//! replicas are real sidecar processes a test can kill (`replicas`) and real Python clients and
+//! servers (`python`).
 //!
 //! Every wait in the harness is bounded by [`WAIT`] and panics with what it was waiting for.
 
@@ -16,6 +17,7 @@ pub mod load;
 pub mod metrics;
 pub mod ollama;
 pub mod proxy;
+pub mod python;
 pub mod relay;
 pub mod replicas;
 pub mod server;

@@ -1,5 +1,7 @@
 //! A fake Ollama: `/api/generate` and `/api/chat` stream NDJSON, `/v1/chat/completions` and
-//! `/v1/completions` stream SSE, `/api/tags`, `/api/version` and `/api/ps` answer at once. Like
+//! `/v1/completions` stream SSE, `/api/tags`, `/api/version` and `/api/ps` answer at once. With
+//! `"stream": false` (the default for the OpenAI paths, as in Ollama) a generation answers one
+//! JSON object when it ends, in the shape the official clients parse. Like
 //! the real server with `OLLAMA_NUM_PARALLEL`, it serves at most `parallel` generations at once,
 //! and it fails loudly (500, and [`FakeOllama::assert_never_overlapped`]) if it ever sees more.
 //! The one exception is a caller hanging up: no client can tell when Ollama has noticed, so a
@@ -259,7 +261,12 @@ enum Format {
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let format = match path.as_str() {
-        "/api/tags" => return Ok(json(200, r#"{"models":[{"name":"fake:latest"}]}"#)),
+        "/api/tags" => {
+            return Ok(json(
+                200,
+                r#"{"models":[{"name":"fake:latest","model":"fake:latest"}]}"#,
+            ))
+        }
         "/api/version" => return Ok(json(200, r#"{"version":"0.0.0-fake"}"#)),
         "/api/ps" => return Ok(json(200, r#"{"models":[]}"#)),
         "/api/generate" => Format::Generate,
@@ -273,6 +280,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     };
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     let prompt = body["prompt"].as_str().unwrap_or("").to_owned();
+    let stream = body["stream"].as_bool().unwrap_or(format != Format::Sse);
 
     if !take_slot(&state).await {
         state.overlaps.fetch_add(1, Ordering::SeqCst);
@@ -300,8 +308,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     state.started.send_modify(|n| *n += 1);
 
     let (tx, rsp_body) = body::channel();
-    tokio::spawn(generate(state, index, format, tx));
+    tokio::spawn(generate(state, index, format, stream, tx));
     let content_type = match format {
+        _ if !stream => "application/json",
         Format::Sse => "text/event-stream",
         _ => "application/x-ndjson",
     };
@@ -356,7 +365,8 @@ async fn take_slot(state: &State) -> bool {
 
 /// Streams one generation; counts it ended (before the body ends, so the next request never
 /// sees it still in flight) or abandoned when the caller goes away.
-async fn generate(state: Arc<State>, index: usize, format: Format, tx: BodySender) {
+async fn generate(state: Arc<State>, index: usize, format: Format, stream: bool, tx: BodySender) {
+    let mut whole = String::new();
     for i in 0..=state.chunks {
         if let Some(gate) = &state.gate {
             tokio::select! {
@@ -368,7 +378,14 @@ async fn generate(state: Arc<State>, index: usize, format: Format, tx: BodySende
         if !done && !state.chunk_delay.is_zero() {
             tokio::time::sleep(state.chunk_delay).await;
         }
-        let chunk = chunk(format, i, done);
+        let chunk = match stream {
+            true => chunk(format, i, done),
+            false if done => answer(format, &whole),
+            false => {
+                whole.push_str(&format!("tok{i} "));
+                continue;
+            }
+        };
         if done {
             state.in_flight.fetch_sub(1, Ordering::SeqCst);
             state.generations.lock().expect("generations lock")[index].ended = Some(Instant::now());
@@ -388,6 +405,29 @@ fn abandon(state: &State) {
     state.abandoned.send_modify(|n| *n += 1);
 }
 
+/// A whole, unstreamed answer.
+fn answer(format: Format, text: &str) -> Bytes {
+    let v = match format {
+        Format::Generate => serde_json::json!({
+            "model": "fake", "created_at": "2026-01-01T00:00:00Z", "response": text,
+            "done": true, "done_reason": "stop",
+        }),
+        Format::Chat => serde_json::json!({
+            "model": "fake", "created_at": "2026-01-01T00:00:00Z",
+            "message": { "role": "assistant", "content": text },
+            "done": true, "done_reason": "stop",
+        }),
+        Format::Sse => serde_json::json!({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": "fake",
+            "choices": [{
+                "index": 0, "finish_reason": "stop",
+                "message": { "role": "assistant", "content": text },
+            }],
+        }),
+    };
+    Bytes::from(v.to_string())
+}
+
 fn chunk(format: Format, i: usize, done: bool) -> Bytes {
     let token = if done {
         String::new()
@@ -403,7 +443,7 @@ fn chunk(format: Format, i: usize, done: bool) -> Bytes {
         ),
         Format::Sse if done => "data: [DONE]\n\n".to_owned(),
         Format::Sse => format!(
-            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{token:?}}}}}]}}\n\n"
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{token:?}}}}}],\"id\":\"chatcmpl-fake\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"fake\"}}\n\n"
         ),
     };
     Bytes::from(text)

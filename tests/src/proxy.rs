@@ -30,6 +30,7 @@ pub struct Builder {
     phase: String,
     snapshot: String,
     inbound_app: Option<SocketAddr>,
+    inbound_protocol: Option<String>,
     ollama_gateway: bool,
     max_concurrency: u32,
     queue_depth: u32,
@@ -71,6 +72,7 @@ pub fn builder() -> Builder {
         phase: "critical".to_owned(),
         snapshot: "version = 1\n".to_owned(),
         inbound_app: None,
+        inbound_protocol: None,
         ollama_gateway: false,
         max_concurrency: 64,
         queue_depth: 256,
@@ -106,6 +108,12 @@ impl Builder {
         self
     }
 
+    /// How the inbound side speaks to the app: `http1`, `http2` or `auto` (the default).
+    pub fn inbound_protocol(mut self, protocol: &str) -> Self {
+        self.inbound_protocol = Some(protocol.to_owned());
+        self
+    }
+
     /// Makes this sidecar the Ollama gateway (`[inbound] mode = "ollama"`) in front of `ollama`;
     /// the queue comes from the snapshot's `[ollama.gateway]`.
     pub fn ollama_gateway(mut self, ollama: SocketAddr) -> Self {
@@ -124,6 +132,14 @@ impl Builder {
         self.max_concurrency = max_concurrency;
         self.queue_depth = queue_depth;
         self.queue_timeout = queue_timeout.to_owned();
+        self
+    }
+
+    /// Gives `service` its own local port (`[[upstreams]]`, on `127.0.0.1:0`).
+    pub fn upstream(mut self, service: &str) -> Self {
+        self.extra.push_str(&format!(
+            "\n[[upstreams]]\nservice = {service:?}\nlisten = \"127.0.0.1:0\"\n"
+        ));
         self
     }
 
@@ -157,6 +173,9 @@ impl Builder {
             ));
             if self.ollama_gateway {
                 out.push_str("mode = \"ollama\"\n");
+            }
+            if let Some(protocol) = &self.inbound_protocol {
+                out.push_str(&format!("protocol = {protocol:?}\n"));
             }
         }
         out.push_str(&format!(
@@ -295,6 +314,15 @@ impl TestProxy {
 
     pub fn outbound(&self) -> SocketAddr {
         self.outbound
+    }
+
+    /// The upstream port of `service` (see [`Builder::upstream`]).
+    pub fn upstream(&self, service: &str) -> SocketAddr {
+        self.running
+            .as_ref()
+            .and_then(|r| r.upstreams().iter().find(|(s, _)| s == service))
+            .map(|(_, addr)| *addr)
+            .unwrap_or_else(|| panic!("the proxy has no upstream port for {service:?}"))
     }
 
     /// The inbound listener; panics if the proxy was built without `inbound_app`.

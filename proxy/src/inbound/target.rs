@@ -1,51 +1,87 @@
 //! Every inbound request goes to one place, the agent's own app; this layer attaches that
-//! route so the shared layers (access log, timeout, forward) work unchanged.
+//! route so the shared layers (access log, timeout, forward) work unchanged. The route says
+//! how to speak to the app (`inbound.protocol`): HTTP/1.1, h2c, or by request (`auto`): a gRPC
+//! call goes over h2c, since gRPC needs HTTP/2, and everything else over HTTP/1.1. Both routes
+//! share the app's one endpoint and its metrics.
 
-use crate::bootstrap::Bootstrap;
+use crate::access_log;
+use crate::body::ProxyBody;
+use crate::bootstrap::{AppProtocol, Bootstrap};
 use crate::metrics::TargetMetrics;
 use crate::outbound::balance::{Endpoint, EndpointSet};
 use crate::state::{Backend, Route};
-use http::Request;
+use futures_util::future::BoxFuture;
+use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_config::Protocol;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 #[derive(Clone, Debug)]
 pub struct LocalTargetLayer {
-    route: Route,
+    routes: Routes,
+    log: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct LocalTarget<S> {
     inner: S,
-    route: Route,
+    routes: Routes,
+    log: bool,
+}
+
+/// The app's route for most requests, and the h2c one gRPC calls take under `auto`.
+#[derive(Clone, Debug)]
+struct Routes {
+    default: Route,
+    grpc: Option<Route>,
 }
 
 impl LocalTargetLayer {
     pub fn new(boot: &Bootstrap) -> Self {
-        let backend = Backend {
-            name: boot.agent.as_str().into(),
-            phase: boot.phase,
-            protocol: Protocol::Http1,
-            timeout: boot.inbound.timeout,
-            stream_idle: boot.inbound.stream_idle_timeout,
-            endpoints: EndpointSet::new(vec![Arc::new(Endpoint::new(boot.inbound.app))]),
-            resilience: Default::default(),
-            ollama_rate: None,
-            metrics: TargetMetrics::new("inbound", &boot.agent, boot.phase.as_str(), &boot.agent),
-        };
-        Self {
-            route: Route {
+        let app = Arc::new(Endpoint::new(boot.inbound.app));
+        let metrics = TargetMetrics::new("inbound", &boot.agent, boot.phase.as_str(), &boot.agent);
+        let route = |protocol| {
+            let backend = Backend {
+                name: boot.agent.as_str().into(),
+                phase: boot.phase,
+                protocol,
+                timeout: boot.inbound.timeout,
+                stream_idle: boot.inbound.stream_idle_timeout,
+                endpoints: EndpointSet::new(vec![app.clone()]),
+                resilience: Default::default(),
+                ollama_rate: None,
+                metrics: metrics.clone(),
+            };
+            Route {
                 timeout: backend.timeout,
                 retry_non_idempotent: false,
                 backend: Arc::new(backend),
+            }
+        };
+        let routes = match boot.inbound.protocol {
+            AppProtocol::Http1 => Routes {
+                default: route(Protocol::Http1),
+                grpc: None,
             },
+            AppProtocol::Http2 => Routes {
+                default: route(Protocol::Http2),
+                grpc: None,
+            },
+            AppProtocol::Auto => Routes {
+                default: route(Protocol::Http1),
+                grpc: Some(route(Protocol::Http2)),
+            },
+        };
+        Self {
+            routes,
+            log: boot.log.access,
         }
     }
 
     pub fn metrics(&self) -> Arc<TargetMetrics> {
-        self.route.backend.metrics.clone()
+        self.routes.default.backend.metrics.clone()
     }
 }
 
@@ -55,25 +91,40 @@ impl<S> tower::Layer<S> for LocalTargetLayer {
     fn layer(&self, inner: S) -> LocalTarget<S> {
         LocalTarget {
             inner,
-            route: self.route.clone(),
+            routes: self.routes.clone(),
+            log: self.log,
         }
     }
 }
 
 impl<S> tower::Service<Request<Incoming>> for LocalTarget<S>
 where
-    S: tower::Service<Request<Incoming>>,
+    S: tower::Service<
+        Request<Incoming>,
+        Response = Response<ProxyBody>,
+        Error = Infallible,
+        Future = BoxFuture<'static, Result<Response<ProxyBody>, Infallible>>,
+    >,
 {
-    type Response = S::Response;
-    type Error = S::Error;
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
     type Future = S::Future;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Incoming>) -> S::Future {
-        req.extensions_mut().insert(self.route.clone());
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
+        let route = match &self.routes.grpc {
+            Some(grpc) if crate::grpc::is_grpc(&req) => grpc.clone(),
+            _ => self.routes.default.clone(),
+        };
+        if let Err(err) = crate::host::check(&mut req) {
+            let metrics = route.backend.metrics.clone();
+            let rsp = access_log::reject("inbound", metrics, &req, err, self.log);
+            return Box::pin(async move { Ok(rsp) });
+        }
+        req.extensions_mut().insert(route);
         self.inner.call(req)
     }
 }

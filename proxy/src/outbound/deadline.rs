@@ -1,9 +1,11 @@
 //! The caller's deadline: how long the whole exchange may take, every attempt included. It is
-//! the route's timeout, shortened by an `x-mesh-timeout-ms` header when the caller sent one,
-//! and each hop passes the budget left on in the same header, so a chain of agents never waits
-//! longer than the first caller will.
+//! the route's timeout, shortened by an `x-mesh-timeout-ms` header (or a gRPC call's
+//! `grpc-timeout`) when the caller sent one, and each hop passes the budget left on in the same
+//! header (and in `grpc-timeout` when the call had one, so the app's gRPC server sees its real
+//! deadline), so a chain of agents never waits longer than the first caller will.
 
-use http::{HeaderName, HeaderValue, Request};
+use crate::grpc::{self, GRPC_TIMEOUT};
+use http::{HeaderName, HeaderValue, Request, Version};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -18,6 +20,8 @@ pub struct Deadline {
     pub at: Instant,
     /// The budget the request started with, for error messages.
     pub budget: Duration,
+    /// The call carried `grpc-timeout`, which is rewritten to the budget left at each hop.
+    pub grpc: bool,
 }
 
 impl Deadline {
@@ -30,6 +34,14 @@ impl Deadline {
     pub fn propagate(&self, headers: &mut http::HeaderMap) {
         let ms = self.remaining().as_millis().max(1) as u64;
         headers.insert(TIMEOUT_HEADER, header_value(ms));
+        if self.grpc {
+            // At most 8 digits: 99999999 ms is over a day.
+            let v = format!("{}m", ms.min(99_999_999));
+            headers.insert(
+                GRPC_TIMEOUT,
+                HeaderValue::try_from(v).expect("digits and a unit"),
+            );
+        }
     }
 }
 
@@ -94,7 +106,14 @@ where
             .get::<crate::state::Route>()
             .map(|r| r.timeout);
         // A malformed header is ignored rather than refused: the route's timeout still holds.
-        let asked = requested(req.headers());
+        let mut asked = requested(req.headers());
+        // Only HTTP/2 requests can be gRPC calls; HTTP/1.1 ones skip the lookup.
+        let grpc_asked = (req.version() == Version::HTTP_2)
+            .then(|| grpc::timeout(req.headers()))
+            .flatten();
+        if let Some(g) = grpc_asked {
+            asked = Some(asked.map_or(g, |a| a.min(g)));
+        }
         let budget = match (route_timeout, asked) {
             (Some(t), Some(a)) => Some(t.min(a)),
             (t, a) => t.or(a),
@@ -103,6 +122,7 @@ where
             req.extensions_mut().insert(Deadline {
                 at: Instant::now() + budget,
                 budget,
+                grpc: grpc_asked.is_some(),
             });
         }
         self.inner.call(req)
@@ -118,11 +138,13 @@ mod tests {
         let d = Deadline {
             at: Instant::now() + Duration::from_millis(1000),
             budget: Duration::from_millis(1000),
+            grpc: true,
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut h = http::HeaderMap::new();
         d.propagate(&mut h);
         assert_eq!(h[TIMEOUT_HEADER], "700");
+        assert_eq!(h[GRPC_TIMEOUT], "700m");
         assert_eq!(requested(&h), Some(Duration::from_millis(700)));
         tokio::time::sleep(Duration::from_secs(5)).await;
         d.propagate(&mut h);

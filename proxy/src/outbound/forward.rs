@@ -138,6 +138,7 @@ where
         if let Err(e) = rewrite(&mut req, &endpoint.authority, protocol, upgrade.is_some()) {
             return Box::pin(async move { Err(e) });
         }
+        let grpc = crate::grpc::is_grpc(&req);
         let inflight = InFlight::start(endpoint.clone());
         let pools = *self.pools;
         let sent = async move {
@@ -155,9 +156,15 @@ where
         };
         Box::pin(async move {
             let (mut rsp, conn) = match sent.await {
-                Ok((rsp, conn)) => {
+                Ok((mut rsp, conn)) => {
                     inflight.responded();
-                    if failures.contains(rsp.status().as_u16()) {
+                    if crate::refusal::take(&mut rsp, grpc) {
+                        // The mesh shed load: nothing learned about the endpoint.
+                        attempt.finish(Class::Cancelled);
+                    } else if failures.contains(match grpc {
+                        true => crate::grpc::judge(&mut rsp),
+                        false => rsp.status().as_u16(),
+                    }) {
                         attempt.finish(Class::Failure);
                     }
                     (rsp, conn)

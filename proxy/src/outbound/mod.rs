@@ -46,13 +46,30 @@ pub type Stack = route::RouteService<
 
 /// Builds the outbound service shared by every outbound connection.
 pub fn stack(boot: &Bootstrap, state: Arc<State>, pools: Arc<pool::Pools>) -> Stack {
+    let route = route::RouteLayer::new(&boot.agent, state.clone(), boot.log.access);
+    stack_with(boot, route, state, pools)
+}
+
+/// The same stack for an upstream port (`[[upstreams]]`): every request goes to `service`.
+pub fn upstream_stack(
+    boot: &Bootstrap,
+    service: &str,
+    state: Arc<State>,
+    pools: Arc<pool::Pools>,
+) -> Stack {
+    let route = route::RouteLayer::new(&boot.agent, state.clone(), boot.log.access);
+    stack_with(boot, route.fixed(service), state, pools)
+}
+
+fn stack_with(
+    boot: &Bootstrap,
+    route: route::RouteLayer,
+    state: Arc<State>,
+    pools: Arc<pool::Pools>,
+) -> Stack {
     let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
     ServiceBuilder::new()
-        .layer(route::RouteLayer::new(
-            &boot.agent,
-            state.clone(),
-            boot.log.access,
-        ))
+        .layer(route)
         .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
         .layer(limit::RateLimitLayer::new())
         .layer(deadline::DeadlineLayer)

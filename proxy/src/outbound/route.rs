@@ -1,12 +1,15 @@
 //! Finds where a request goes: by authority (`name`, `name.mesh`, `name.service.consul`), then
-//! by the snapshot's explicit rules (path prefix, headers). No route answers 503 at once.
+//! by the snapshot's explicit rules (path prefix, headers). No route answers 503 at once. On an
+//! upstream port (`[[upstreams]]`) the target is the port's service whatever the authority,
+//! and the same rules apply to it. Host hygiene (`host.rs`) comes first.
 
 use crate::access_log;
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
+use crate::host;
 use crate::state::State;
 use futures_util::future::{self, Either, Ready};
-use http::{header, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use mesh_config::snapshot::normalize_authority;
 use std::borrow::Cow;
@@ -22,6 +25,7 @@ pub struct RouteLayer {
     caller: HeaderValue,
     state: Arc<State>,
     log: bool,
+    fixed: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug)]
@@ -30,6 +34,8 @@ pub struct RouteService<S> {
     caller: HeaderValue,
     state: Arc<State>,
     log: bool,
+    /// The service of an upstream port: every request goes there.
+    fixed: Option<Arc<str>>,
 }
 
 impl RouteLayer {
@@ -38,7 +44,14 @@ impl RouteLayer {
             caller: HeaderValue::from_str(agent).expect("bootstrap checked the agent name"),
             state,
             log,
+            fixed: None,
         }
+    }
+
+    /// Routes every request to `service`, as an upstream port does.
+    pub fn fixed(mut self, service: &str) -> Self {
+        self.fixed = Some(service.into());
+        self
     }
 }
 
@@ -51,6 +64,7 @@ impl<S> tower::Layer<S> for RouteLayer {
             caller: self.caller.clone(),
             state: self.state.clone(),
             log: self.log,
+            fixed: self.fixed.clone(),
         }
     }
 }
@@ -69,7 +83,20 @@ where
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let table = self.state.load();
-        let Some(authority) = authority(&req) else {
+        let named = match host::inspect(&req) {
+            Ok(named) => named,
+            Err(err) => {
+                let rsp =
+                    access_log::reject("outbound", table.unrouted.clone(), &req, err, self.log);
+                return Either::Right(future::ready(Ok(rsp)));
+            }
+        };
+        let misaligned = named.misaligned;
+        let authority = match &self.fixed {
+            Some(service) => Some(&**service),
+            None => named.authority,
+        };
+        let Some(authority) = authority else {
             let rsp = access_log::reject(
                 "outbound",
                 table.unrouted.clone(),
@@ -82,6 +109,9 @@ where
         let name = lowercase(normalize_authority(authority));
         match table.route(&name, req.uri().path(), req.headers()) {
             Some(route) => {
+                if misaligned {
+                    host::align(&mut req);
+                }
                 req.headers_mut().insert(CALLER_HEADER, self.caller.clone());
                 req.extensions_mut().insert(route);
                 Either::Left(self.inner.call(req))
@@ -96,17 +126,6 @@ where
             }
         }
     }
-}
-
-/// The target named by the request: the URI authority (HTTP/2, absolute-form) or `Host`.
-fn authority<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
-    }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty())
 }
 
 fn lowercase(name: &str) -> Cow<'_, str> {

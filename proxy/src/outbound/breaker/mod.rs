@@ -191,10 +191,14 @@ where
     })
 }
 
-/// How an attempt's result counts for breakers and ejection.
+/// How an attempt's result counts for breakers and ejection. A refusal the mesh marked
+/// (`refusal.rs`) counts as neither success nor failure; a gRPC status in the head counts as
+/// the HTTP status it stands for (`grpc.rs`).
 pub fn classify(res: &Result<Response<ProxyBody>, ProxyError>, failures: &StatusSet) -> Class {
     match res {
-        Ok(rsp) if failures.contains(rsp.status().as_u16()) => Class::Failure,
+        // Load the mesh shed (`refusal.rs`) says nothing about the target's health.
+        Ok(rsp) if crate::refusal::is_refused(rsp) => Class::Cancelled,
+        Ok(rsp) if failures.contains(crate::grpc::judged_status(rsp)) => Class::Failure,
         Ok(_) => Class::Success,
         Err(
             ProxyError::Unavailable { .. }

@@ -225,11 +225,15 @@ where
                     break res;
                 }
                 // A request that never left goes to another endpoint at once: waiting spares
-                // no one, the endpoint that refused it is already out of the balancer.
+                // no one, the endpoint that refused it is already out of the balancer. A
+                // refusal for load waits as long as the mesh asked, not the backoff.
                 let backoff = if never_left(&res) {
                     Duration::ZERO
                 } else {
-                    full_jitter(&p, attempt)
+                    res.as_ref()
+                        .ok()
+                        .and_then(crate::refusal::retry_after)
+                        .unwrap_or_else(|| full_jitter(&p, attempt))
                 };
                 if deadline.is_some_and(|d| d.remaining() <= backoff) {
                     break res;
