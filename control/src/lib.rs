@@ -11,6 +11,7 @@ pub mod budget_engine;
 pub mod catalog_file;
 pub mod compliance;
 pub mod consul;
+pub mod guard;
 pub mod metrics;
 pub mod policy_watch;
 pub mod push;
