@@ -139,10 +139,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     tokio::spawn(policy.run(stopped.clone()));
 
     let (gen_tx, gen_rx) = watch::channel(Arc::new(Generation::default()));
+    let (invalid_tx, invalid_rx) = watch::channel(None);
     let builder = Snapshots {
         catalog: catalog_rx,
         policy: policy_rx,
         out: gen_tx,
+        invalid: invalid_tx,
         synced: false,
     };
     tokio::spawn(builder.run(stopped.clone()));
@@ -163,6 +165,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         policy: policy_status_rx,
         generations: gen_rx.clone(),
         held: held_rx,
+        invalid: invalid_rx,
         sidecars: sidecars.clone(),
     };
     let push = Push {

@@ -16,6 +16,7 @@ pub const POLICY_APPLIED: &str = "mesh_control_policy_applied_total";
 pub const POLICY_REJECTIONS: &str = "mesh_control_policy_rejections_total";
 pub const POLICY_REJECTED: &str = "mesh_control_policy_rejected";
 pub const SNAPSHOT_VERSION: &str = "mesh_control_snapshot_version";
+pub const SNAPSHOT_INVALID: &str = "mesh_control_snapshot_invalid_total";
 pub const SUBSCRIBERS: &str = "mesh_control_subscribers";
 pub const ACKS: &str = "mesh_control_acks_total";
 pub const BUDGET_CPUS: &str = "mesh_control_budget_cpus";
@@ -44,6 +45,7 @@ fn register_at_zero() {
         metrics::counter!(CATALOG_REJECTED, "reason" => reason.as_str()).increment(0);
     }
     metrics::counter!(CATALOG_HOLDS).increment(0);
+    metrics::counter!(SNAPSHOT_INVALID).increment(0);
     metrics::counter!(CONSUL_ERRORS).increment(0);
     metrics::gauge!(CATALOG_HELD).set(0.0);
 }
@@ -79,6 +81,10 @@ fn describe() {
         "1 while the policy files on disk are rejected."
     );
     describe_gauge!(SNAPSHOT_VERSION, "Version of the snapshot served.");
+    describe_counter!(
+        SNAPSHOT_INVALID,
+        "Built snapshots not served because they fail the sidecars' validation."
+    );
     describe_gauge!(SUBSCRIBERS, "Long-polls waiting for a new snapshot.");
     describe_counter!(ACKS, "Sidecar reports, by result (applied, rejected).");
     describe_gauge!(

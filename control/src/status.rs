@@ -199,6 +199,8 @@ pub struct Status {
     pub policy: watch::Receiver<PolicyStatus>,
     pub generations: watch::Receiver<Arc<Generation>>,
     pub held: watch::Receiver<Option<Held>>,
+    /// Why the last snapshot built was not served, while it is not.
+    pub invalid: watch::Receiver<Option<String>>,
     pub sidecars: Arc<Sidecars>,
 }
 
@@ -213,6 +215,9 @@ impl Status {
         // Version 0 is never served: say why, so an operator knows sidecars run on their own.
         let not_published = (gen.version == 0).then(|| match (&held, &discovery.last_error) {
             (Some(h), _) => format!("catalog held back: {}", h.reason),
+            _ if self.invalid.borrow().is_some() => {
+                "the snapshot built fails validation (see snapshot_invalid)".to_owned()
+            }
             (None, Some(e)) if discovery.synced_unix_ms == 0 => format!(
                 "no catalog read from {} yet; sidecars keep their last snapshot: {e}",
                 discovery.source
@@ -226,6 +231,7 @@ impl Status {
             "snapshot_version": gen.version,
             "published": gen.version != 0,
             "not_published": not_published,
+            "snapshot_invalid": *self.invalid.borrow(),
             "catalog": {
                 "source": discovery.source,
                 "stale": discovery.stale,

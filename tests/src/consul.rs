@@ -73,6 +73,8 @@ struct World {
     queries: u64,
     ignore_passing: bool,
     outage: Outage,
+    /// Services whose health query answers with this status.
+    failing: BTreeMap<String, u16>,
 }
 
 #[derive(Debug)]
@@ -165,6 +167,14 @@ impl FakeConsul {
     /// Serves failing instances even when asked for `?passing` (a misbehaving proxy in front).
     pub fn ignore_passing(&self) {
         self.mutate(|w| w.ignore_passing = true);
+    }
+
+    /// Makes one service's health query fail with `status` (`None`: answer again).
+    pub fn fail_service(&self, name: &str, status: Option<u16>) {
+        self.mutate(|w| match status {
+            Some(s) => w.failing.insert(name.to_owned(), s),
+            None => w.failing.remove(name),
+        });
     }
 
     /// Starts or ends an outage of every endpoint.
@@ -432,6 +442,17 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
         }
         (Method::GET, p) if p.starts_with("/v1/health/service/") => {
             let name = p.trim_start_matches("/v1/health/service/").to_owned();
+            let failing = shared
+                .world
+                .lock()
+                .expect("world lock")
+                .failing
+                .get(&name)
+                .copied();
+            if let Some(status) = failing {
+                let status = StatusCode::from_u16(status).expect("a status code");
+                return reply(status, "rpc error: permission denied".into(), None);
+            }
             let passing = param(&query, "passing").is_some();
             blocking(shared, &query, move |w| {
                 let entries: Vec<Value> = w

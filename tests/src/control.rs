@@ -10,10 +10,12 @@
 
 use crate::bounded;
 use mesh_control::consul::watch::Params;
+use mesh_control::snapshots::Generation;
 use mesh_control::{Config, Running, Source};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
 
@@ -193,6 +195,27 @@ impl TestControl {
 
     pub fn version(&self) -> u64 {
         self.running().generations().borrow().version
+    }
+
+    /// The generation served now (version 0: none yet).
+    pub fn generation(&self) -> Arc<Generation> {
+        self.running().generations().borrow().clone()
+    }
+
+    /// Waits for a served generation satisfying `check`; returns it.
+    pub async fn wait_generation(
+        &self,
+        what: &str,
+        check: impl Fn(&Generation) -> bool,
+    ) -> Arc<Generation> {
+        let mut rx = self.running().generations();
+        bounded(what, async move {
+            rx.wait_for(|g| g.version != 0 && check(g))
+                .await
+                .expect("control alive")
+                .clone()
+        })
+        .await
     }
 
     /// Waits for a served version other than `than` (0: the first one); returns it.

@@ -10,7 +10,7 @@
 //! random answers.
 
 use super::{MESH_TAG, PHASE_TAG};
-use mesh_config::Phase;
+use mesh_config::{Catalog, CatalogService, Phase};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -133,6 +133,22 @@ pub fn services(listed: &BTreeMap<String, Value>) -> Listed {
         out.services.insert(name.clone(), phase);
     }
     out
+}
+
+/// The catalog of the admitted services: a service Consul lists only non-agents for is left
+/// out (it is reported by [`instances`]).
+pub fn catalog<'a>(admitted: impl IntoIterator<Item = (&'a str, Phase, &'a Admitted)>) -> Catalog {
+    Catalog::new(
+        admitted
+            .into_iter()
+            .filter(|(_, _, a)| !a.not_an_agent())
+            .map(|(name, phase, a)| CatalogService {
+                name: name.to_owned(),
+                phase,
+                endpoints: a.endpoints.clone(),
+            })
+            .collect(),
+    )
 }
 
 /// The phase a service's tags name, if it is a mesh service.
@@ -278,6 +294,16 @@ impl Entry {
             return Err((Reason::BadPort, "port 0".into()));
         }
         if let Ok(ip) = host.parse::<IpAddr>() {
+            // A bind-all or group address reaches no one instance: it is not an endpoint.
+            let unroutable = ip.is_unspecified()
+                || ip.is_multicast()
+                || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+            if unroutable {
+                return Err((
+                    Reason::BadAddress,
+                    format!("{whose} address {host} is not one instance's address"),
+                ));
+            }
             return Ok(SocketAddr::new(ip, self.service.port));
         }
         if is_hostname(host) {
@@ -333,6 +359,7 @@ mod tests {
             entry("dup", "", "10.0.0.1", 80, &["passing"]),
             entry("node-addr", "", "", 81, &[]),
             entry("port0", "", "10.0.0.5", 0, &["passing"]),
+            entry("any", "", "0.0.0.0", 80, &["passing"]),
             json!({ "Service": { "ID": "broken", "Port": "eighty" } }),
         ];
         let got = instances("b", &entries, HealthPolicy::default());
@@ -350,6 +377,7 @@ mod tests {
                 ("host", Reason::HostnameAddress),
                 ("dup", Reason::DuplicateEndpoint),
                 ("port0", Reason::BadPort),
+                ("any", Reason::BadAddress),
                 ("broken", Reason::Malformed),
             ]
         );

@@ -16,7 +16,7 @@ use super::client::{ConsulClient, ConsulError, Indexed, Query};
 use super::probe::{self, Liveness};
 use crate::status::DiscoveryStatus;
 use mesh_config::backoff::Backoff;
-use mesh_config::{Catalog, CatalogService, Phase};
+use mesh_config::{Catalog, Phase};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
@@ -277,19 +277,12 @@ impl ConsulWatch {
         if !complete {
             return;
         }
-        let catalog = Catalog::new(
+        // A service Consul failed to answer for since the start is not known yet.
+        let catalog = admit::catalog(
             world
                 .services
                 .iter()
-                // A service Consul failed to answer for since the start is not known yet.
-                .filter_map(|(name, w)| Some((name, w.phase, w.admitted.as_ref()?)))
-                .filter(|(_, _, a)| !a.not_an_agent())
-                .map(|(name, phase, a)| CatalogService {
-                    name: name.clone(),
-                    phase,
-                    endpoints: a.endpoints.clone(),
-                })
-                .collect(),
+                .filter_map(|(name, w)| Some((name.as_str(), w.phase, w.admitted.as_ref()?))),
         );
         let mut published = false;
         self.catalog.send_if_modified(|c| {
