@@ -111,7 +111,8 @@ pub enum InboundMode {
     Ollama,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `[snapshot]`; a bootstrap without the section gets no file and the default poll interval.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSource {
     /// A snapshot TOML file, polled for changes. Without it the sidecar starts with no routes.
@@ -242,6 +243,15 @@ impl Default for Inbound {
     }
 }
 
+impl Default for SnapshotSource {
+    fn default() -> Self {
+        Self {
+            file: None,
+            poll_interval: default_poll_interval(),
+        }
+    }
+}
+
 impl Default for Drain {
     fn default() -> Self {
         Self {
@@ -357,5 +367,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("sidecar.toml:4:"), "{err}");
+    }
+
+    #[test]
+    fn a_bootstrap_without_snapshot_starts_with_no_routes_and_the_default_poll() {
+        // The README documents every `[snapshot]` key as optional: so is the section.
+        let boot = Bootstrap::from_toml(
+            Path::new("sidecar.toml"),
+            "agent = \"a\"\nphase = \"critical\"\n[listen]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(boot.snapshot.file.is_none());
+        assert_eq!(boot.snapshot.poll_interval, Duration::from_secs(1));
     }
 }
