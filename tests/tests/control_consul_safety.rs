@@ -488,3 +488,23 @@ async fn a_catalog_that_empties_is_held_until_it_recovers_or_an_operator_confirm
     assert_eq!(confirm(Some("s3cret")).await.status, 409);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_process_started_while_nothing_listens_for_consul_publishes_nothing() {
+    // A port that was just free: nothing answers there (connection refused).
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = nothing.local_addr().unwrap();
+    drop(nothing);
+    let control = control::builder().consul(addr).start().await;
+    let status = control
+        .wait_status("the unreachable Consul to be reported", |s| {
+            s["catalog"]["last_error"].is_string()
+        })
+        .await;
+    assert_eq!(status["snapshot_version"], 0, "{status:#}");
+    assert_eq!(status["catalog"]["stale"], true);
+    assert!(status["not_published"]
+        .as_str()
+        .unwrap()
+        .contains("no catalog read from consul yet"));
+}

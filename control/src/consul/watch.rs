@@ -153,7 +153,7 @@ impl ConsulWatch {
                     }
                     Event::List(Err(error)) => {
                         ::metrics::counter!(crate::metrics::CONSUL_ERRORS).increment(1);
-                        if world.list_failing.is_none() {
+                        if world.list_failing.is_none() && live.borrow().up {
                             tracing::warn!(%error, "consul service list failed; serving the last catalog");
                         }
                         world.list_failing = Some(error);
@@ -169,7 +169,9 @@ impl ConsulWatch {
                             }
                             Err(error) => {
                                 ::metrics::counter!(crate::metrics::CONSUL_ERRORS).increment(1);
-                                if w.failing.is_none() {
+                                // While Consul is down the probe has said so once; one line per
+                                // service would bury it.
+                                if w.failing.is_none() && live.borrow().up {
                                     tracing::warn!(service = %name, %error,
                                         "consul health query failed; keeping the service's last endpoints");
                                 }
