@@ -113,11 +113,13 @@ impl Guard {
     fn consider(&self, in_force: &mut Option<Arc<Catalog>>, candidate: Arc<Catalog>) {
         match decide(in_force.as_deref(), &candidate, self.max_drop_percent) {
             Decision::Publish => {
+                // The gauge moves on transitions only: several control processes may share
+                // one recorder (tests embed them).
                 if let Some(h) = self.held.send_replace(None) {
                     tracing::info!(reason = %h.reason, services = candidate.services.len(),
                         "catalog no longer held back: the source is back within bounds");
+                    ::metrics::gauge!(crate::metrics::CATALOG_HELD).set(0.0);
                 }
-                ::metrics::gauge!(crate::metrics::CATALOG_HELD).set(0.0);
                 self.publish(in_force, candidate);
             }
             Decision::Hold(reason) => {

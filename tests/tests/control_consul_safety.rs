@@ -440,10 +440,7 @@ async fn a_catalog_that_empties_is_held_until_it_recovers_or_an_operator_confirm
         metrics::metric_value(&scrape, "mesh_control_catalog_held", &[]),
         Some(1.0)
     );
-    assert_eq!(
-        metrics::metric_value(&scrape, "mesh_control_catalog_holds_total", &[]),
-        Some(1.0)
-    );
+    assert!(metrics::metric_value(&scrape, "mesh_control_catalog_holds_total", &[]) >= Some(1.0));
     assert_eq!(
         client::http1(proxy.outbound()).get("b", "/").await.status,
         200
