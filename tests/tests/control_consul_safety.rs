@@ -165,6 +165,7 @@ async fn control_started_and_restarted_during_consul_outages_never_breaks_routin
     workload.more_calls(20).await;
 
     let (calls, failures) = workload.finish().await;
+    println!("workload: {calls} calls through two control restarts in Consul outages");
     assert!(
         failures.is_empty(),
         "{} of {calls} calls failed: {failures:?}",
