@@ -70,7 +70,7 @@ docker compose version >/dev/null 2>&1 || die "the docker compose plugin is not 
 docker info >/dev/null 2>&1 || die "cannot reach the Docker engine (is it running? may this user use it?)"
 
 compose() {
-    docker compose --project-directory "$ROOT" -f "$ROOT/docker-compose.yml" \
+    docker compose --project-name agent-mesh --project-directory "$ROOT" -f "$ROOT/docker-compose.yml" \
         --env-file "$env_file" "$@"
 }
 

@@ -302,8 +302,9 @@ pub fn normalize_authority(authority: &str) -> &str {
     host
 }
 
-/// Service names are DNS labels: what Consul accepts and what fits in a Host header.
-pub(crate) fn check_name(name: &str) -> Result<(), String> {
+/// Service names are DNS labels: what fits in a Host header and what a sidecar accepts. The
+/// control process checks every name it discovers with this before it enters a snapshot.
+pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name

@@ -1,10 +1,12 @@
-//! Wires the control process: sources, snapshot builder, HTTP API.
+//! Wires the control process: a catalog source (Consul or file) -> the guard -> the snapshot
+//! builder, the policy watch, and the HTTP API.
 
 use crate::catalog_file::{self, CatalogFile};
 use crate::consul::watch::{ConsulWatch, Params};
 use crate::consul::{ConsulClient, ConsulError};
+use crate::guard::Guard;
 use crate::policy_watch::PolicyWatch;
-use crate::push::Push;
+use crate::push::{Confirmer, Push};
 use crate::snapshots::{Generation, Snapshots};
 use crate::status::{unix_ms, DiscoveryStatus, PolicyStatus, Sidecars, Status};
 use mesh_config::policy::{self, PolicyErrors};
@@ -32,6 +34,11 @@ pub struct Config {
     pub source: Source,
     /// How often the policy directory and a catalog file are checked for edits.
     pub poll_interval: Duration,
+    /// A catalog losing more than this share of its services or endpoints at once is held
+    /// back (see [`crate::guard`]); 100 never holds.
+    pub max_catalog_drop_percent: u8,
+    /// Bearer token for `POST /v1/catalog/confirm`; without one the call is refused.
+    pub confirm_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +81,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     });
 
     let (stop, stopped) = watch::channel(false);
+    let (candidates_tx, candidates_rx) = watch::channel(None);
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     let source_name = match cfg.source {
         Source::Consul { .. } => "consul",
@@ -85,32 +93,41 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         stale: matches!(cfg.source, Source::Consul { .. }),
         ..Default::default()
     });
-    let synced = match &cfg.source {
+    match &cfg.source {
         Source::File(path) => {
             let (catalog, text) = catalog_file::load(path)?;
-            catalog_tx.send_replace(Arc::new(catalog));
+            candidates_tx.send_replace(Some(Arc::new(catalog)));
             discovery.send_modify(|s| s.synced_unix_ms = unix_ms());
             let file = CatalogFile {
                 path: path.clone(),
                 every: cfg.poll_interval,
-                catalog: catalog_tx,
+                catalog: candidates_tx,
                 status: discovery,
                 current: text,
             };
             tokio::spawn(file.run(stopped.clone()));
-            true
         }
         Source::Consul { address, params } => {
             let watch = ConsulWatch {
                 client: ConsulClient::new(address)?,
                 params: *params,
-                catalog: catalog_tx,
+                catalog: candidates_tx,
                 status: discovery,
             };
             tokio::spawn(watch.run(stopped.clone()));
-            false
         }
     };
+    let (held_tx, held_rx) = watch::channel(None);
+    let (confirm_tx, confirm_rx) = tokio::sync::mpsc::channel(8);
+    let guard = Guard {
+        max_drop_percent: cfg.max_catalog_drop_percent,
+        candidates: candidates_rx,
+        out: catalog_tx,
+        held: held_tx,
+        confirms: confirm_rx,
+    };
+    // The guard sees the file's catalog (already in the channel) as its first change.
+    tokio::spawn(guard.run(stopped.clone()));
 
     let policy = PolicyWatch {
         dir,
@@ -122,11 +139,13 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     tokio::spawn(policy.run(stopped.clone()));
 
     let (gen_tx, gen_rx) = watch::channel(Arc::new(Generation::default()));
+    let (invalid_tx, invalid_rx) = watch::channel(None);
     let builder = Snapshots {
         catalog: catalog_rx,
         policy: policy_rx,
         out: gen_tx,
-        synced,
+        invalid: invalid_tx,
+        synced: false,
     };
     tokio::spawn(builder.run(stopped.clone()));
 
@@ -145,6 +164,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         discovery: discovery_rx,
         policy: policy_status_rx,
         generations: gen_rx.clone(),
+        held: held_rx,
+        invalid: invalid_rx,
         sidecars: sidecars.clone(),
     };
     let push = Push {
@@ -152,6 +173,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         sidecars: sidecars.clone(),
         status: status.clone(),
         prometheus,
+        confirm: Confirmer {
+            token: cfg.confirm_token.clone(),
+            guard: confirm_tx,
+        },
     };
     tokio::spawn(push.serve(listener, stopped));
     tracing::info!(%addr, source = source_name, policy = %cfg.policy_dir.display(), "control ready");
@@ -171,7 +196,7 @@ impl Running {
         self.addr
     }
 
-    /// The generations served; version 0 until the catalog source first syncs.
+    /// The generations served; version 0 until a first catalog passes the guard.
     pub fn generations(&self) -> watch::Receiver<Arc<Generation>> {
         self.generations.clone()
     }

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 pub struct CatalogFile {
     pub path: PathBuf,
     pub every: Duration,
-    pub catalog: watch::Sender<Arc<Catalog>>,
+    /// Candidates for the guard; `Some` from the start (the file is read before).
+    pub catalog: watch::Sender<Option<Arc<Catalog>>>,
     pub status: watch::Sender<DiscoveryStatus>,
     /// The text in force, so an unchanged file is not parsed again.
     pub current: String,
@@ -44,7 +45,7 @@ impl CatalogFile {
                 Ok(cat) => {
                     tracing::info!(file = %self.path.display(), services = cat.services.len(),
                         "catalog file applied");
-                    self.catalog.send_replace(Arc::new(cat));
+                    self.catalog.send_replace(Some(Arc::new(cat)));
                     self.status.send_modify(|s| {
                         s.last_error = None;
                         s.synced_unix_ms = unix_ms();

@@ -1,7 +1,9 @@
-//! The mesh control process. Read it in data order: `consul::watch` or `catalog_file` (the
-//! catalog) and `policy_watch` (the policy) -> `budget_engine` -> `snapshots` (versioned
-//! per-phase views) -> `push` (long-poll to sidecars) and `status`. `app` wires it all;
-//! `compliance` checks a running mesh from the outside.
+//! The mesh control process. Read it in data order: `consul::watch` (with `consul::admit`
+//! checking every entry) or `catalog_file` (the catalog) -> `guard` (holds back a catalog that
+//! drops too much) and `policy_watch` (the policy) -> `budget_engine` -> `snapshots`
+//! (versioned per-phase views, each checked as a sidecar will) -> `push` (long-poll to
+//! sidecars) and `status`. `app` wires it all; `compliance` checks a running mesh from the
+//! outside.
 //!
 //! The process is stateless: everything it serves derives from the catalog source and the
 //! policy files, so instances can run side by side and a restart loses nothing.
@@ -11,6 +13,7 @@ pub mod budget_engine;
 pub mod catalog_file;
 pub mod compliance;
 pub mod consul;
+pub mod guard;
 pub mod metrics;
 pub mod policy_watch;
 pub mod push;

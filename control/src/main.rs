@@ -9,9 +9,14 @@ use std::time::Duration;
 
 const USAGE: &str = "usage:
   mesh-control [run] [--listen ADDR] [--policy DIR] [--consul HOST:PORT | --catalog FILE]
-                     [--poll DURATION] [--log LEVEL]
+                     [--poll DURATION] [--max-catalog-drop PERCENT] [--admit-warning]
+                     [--log LEVEL]
       Serves snapshots to sidecars. Defaults: --listen 127.0.0.1:15100, --policy config/mesh,
-      --catalog config/local/catalog.toml, --poll 1s.
+      --catalog config/local/catalog.toml, --poll 1s, --max-catalog-drop 50.
+      A catalog losing more than PERCENT of its services or endpoints at once (or all of
+      them) is held back until it recovers or an operator confirms it with
+      POST /v1/catalog/confirm and `Authorization: Bearer $MESH_CONTROL_TOKEN`;
+      100 never holds. --admit-warning routes Consul instances whose checks warn.
   mesh-control validate DIR
       Checks the policy files in DIR; prints every error as file:line: reason; exits 1 on error.
   mesh-control compliance [--status-url URL] [--timeout DURATION]
@@ -151,7 +156,12 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
         policy_dir: "config/mesh".into(),
         source: Source::File("config/local/catalog.toml".into()),
         poll_interval: Duration::from_secs(1),
+        max_catalog_drop_percent: mesh_control::guard::DEFAULT_MAX_DROP_PERCENT,
+        confirm_token: std::env::var("MESH_CONTROL_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
     };
+    let mut admit_warning = false;
     let mut level = "info".to_owned();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -178,9 +188,22 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
                     .filter(|d| !d.is_zero())
                     .ok_or_else(|| format!("--poll: {v:?} is not a duration"))?;
             }
+            "--max-catalog-drop" => {
+                let v = value()?;
+                cfg.max_catalog_drop_percent = v
+                    .trim_end_matches('%')
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= 100)
+                    .ok_or_else(|| format!("--max-catalog-drop: {v:?} is not 0 to 100"))?;
+            }
+            "--admit-warning" => admit_warning = true,
             "--log" => level = value()?,
             other => return Err(format!("unknown argument {other:?}")),
         }
+    }
+    if let Source::Consul { params, .. } = &mut cfg.source {
+        params.health.admit_warning = admit_warning;
     }
     Ok((cfg, level))
 }

@@ -1,5 +1,6 @@
 //! Every metric the control process exports. Label sets are bounded: phases, resources,
-//! results.
+//! results, rejection reasons. Counters an alert watches with `increase()` are registered at 0
+//! so their first event counts.
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
@@ -7,11 +8,15 @@ use std::sync::OnceLock;
 pub const CATALOG_STALE: &str = "mesh_control_catalog_stale";
 pub const CATALOG_SERVICES: &str = "mesh_control_catalog_services";
 pub const CONSUL_ERRORS: &str = "mesh_control_consul_errors_total";
+pub const CATALOG_REJECTED: &str = "mesh_control_catalog_rejected_total";
+pub const CATALOG_HELD: &str = "mesh_control_catalog_held";
+pub const CATALOG_HOLDS: &str = "mesh_control_catalog_holds_total";
 pub const CATALOG_FILE_REJECTIONS: &str = "mesh_control_catalog_file_rejections_total";
 pub const POLICY_APPLIED: &str = "mesh_control_policy_applied_total";
 pub const POLICY_REJECTIONS: &str = "mesh_control_policy_rejections_total";
 pub const POLICY_REJECTED: &str = "mesh_control_policy_rejected";
 pub const SNAPSHOT_VERSION: &str = "mesh_control_snapshot_version";
+pub const SNAPSHOT_INVALID: &str = "mesh_control_snapshot_invalid_total";
 pub const SUBSCRIBERS: &str = "mesh_control_subscribers";
 pub const ACKS: &str = "mesh_control_acks_total";
 pub const BUDGET_CPUS: &str = "mesh_control_budget_cpus";
@@ -30,8 +35,19 @@ pub fn install() -> &'static PrometheusHandle {
         // Another recorder may already be installed (a test process embedding sidecars).
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        register_at_zero();
         handle
     })
+}
+
+fn register_at_zero() {
+    for reason in crate::consul::admit::Reason::ALL {
+        metrics::counter!(CATALOG_REJECTED, "reason" => reason.as_str()).increment(0);
+    }
+    metrics::counter!(CATALOG_HOLDS).increment(0);
+    metrics::counter!(SNAPSHOT_INVALID).increment(0);
+    metrics::counter!(CONSUL_ERRORS).increment(0);
+    metrics::gauge!(CATALOG_HELD).set(0.0);
 }
 
 fn describe() {
@@ -43,6 +59,18 @@ fn describe() {
     describe_gauge!(CATALOG_SERVICES, "Mesh services in the catalog.");
     describe_counter!(CONSUL_ERRORS, "Failed Consul queries.");
     describe_counter!(
+        CATALOG_REJECTED,
+        "Consul entries left out of the catalog, by reason (bad_name, hostname_address, bad_address, bad_port, duplicate_endpoint, not_an_agent, malformed)."
+    );
+    describe_gauge!(
+        CATALOG_HELD,
+        "1 while a catalog that drops too many services or endpoints is held back."
+    );
+    describe_counter!(
+        CATALOG_HOLDS,
+        "Times a catalog was held back instead of pushed."
+    );
+    describe_counter!(
         CATALOG_FILE_REJECTIONS,
         "Catalog file edits rejected as invalid."
     );
@@ -53,6 +81,10 @@ fn describe() {
         "1 while the policy files on disk are rejected."
     );
     describe_gauge!(SNAPSHOT_VERSION, "Version of the snapshot served.");
+    describe_counter!(
+        SNAPSHOT_INVALID,
+        "Built snapshots not served because they fail the sidecars' validation."
+    );
     describe_gauge!(SUBSCRIBERS, "Long-polls waiting for a new snapshot.");
     describe_counter!(ACKS, "Sidecar reports, by result (applied, rejected).");
     describe_gauge!(

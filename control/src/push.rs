@@ -3,8 +3,11 @@
 //! `GET /v1/snapshot?agent=A&phase=P&version=N[&wait=30s][&admin=IP:PORT&mode=app|ollama]`
 //! answers at once with the current generation when its version differs from N, else waits up
 //! to `wait` for a new one and answers `304` when none came. `admin` and `mode` say where the
-//! sidecar's admin listener is and what it fronts, for `/status` and the compliance check. `POST /v1/ack` takes `{"agent", "version", "rejected"?}`.
+//! sidecar's admin listener is and what it fronts, for `/status` and the compliance check.
+//! `POST /v1/ack` takes `{"agent", "version", "rejected"?}`. `POST /v1/catalog/confirm` with
+//! `Authorization: Bearer <MESH_CONTROL_TOKEN>` publishes a catalog the guard holds back.
 
+use crate::guard::Confirm;
 use crate::snapshots::Generation;
 use crate::status::{Ack, SidecarMode, Sidecars, Status};
 use bytes::Bytes;
@@ -20,7 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Longest wait a long-poll may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -33,6 +36,14 @@ pub struct Push {
     pub sidecars: Arc<Sidecars>,
     pub status: Status,
     pub prometheus: &'static PrometheusHandle,
+    pub confirm: Confirmer,
+}
+
+/// `POST /v1/catalog/confirm`: an operator publishes a catalog the guard holds back.
+pub struct Confirmer {
+    /// The bearer token the call must carry; `None` refuses every call.
+    pub token: Option<String>,
+    pub guard: mpsc::Sender<Confirm>,
 }
 
 struct Poll {
@@ -96,6 +107,7 @@ impl Push {
                 Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
             },
             (&Method::POST, "/v1/ack") => self.ack(req).await,
+            (&Method::POST, "/v1/catalog/confirm") => self.confirm.call(req.headers()).await,
             (&Method::GET, "/status") => json(StatusCode::OK, self.status.render().to_string()),
             (&Method::GET, "/health") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
             (&Method::GET, "/metrics") => {
@@ -106,9 +118,15 @@ impl Push {
                 );
                 rsp
             }
-            (_, "/v1/snapshot" | "/v1/ack" | "/status" | "/health" | "/metrics") => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-            }
+            (
+                _,
+                "/v1/snapshot"
+                | "/v1/ack"
+                | "/v1/catalog/confirm"
+                | "/status"
+                | "/health"
+                | "/metrics",
+            ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
     }
@@ -178,6 +196,52 @@ impl Push {
         *rsp.status_mut() = StatusCode::NO_CONTENT;
         rsp
     }
+}
+
+// === impl Confirmer ===
+
+impl Confirmer {
+    async fn call(&self, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
+        let Some(token) = &self.token else {
+            return error(
+                StatusCode::FORBIDDEN,
+                "confirmation is off: start mesh-control with MESH_CONTROL_TOKEN set",
+            );
+        };
+        let offered = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(offered.as_bytes(), token.as_bytes()) {
+            tracing::warn!("catalog confirmation refused: wrong or missing token");
+            return error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.guard.send(tx).await.is_err() {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the control process is stopping",
+            );
+        }
+        match rx.await {
+            Ok(Ok(held)) => json(
+                StatusCode::OK,
+                serde_json::json!({ "published": held }).to_string(),
+            ),
+            Ok(Err(reason)) => error(StatusCode::CONFLICT, reason),
+            Err(_) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the control process is stopping",
+            ),
+        }
+    }
+}
+
+/// Compares without an early exit, so the time taken does not tell how much of a guess
+/// was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Up to 1/16 of the wait, as Consul does, so long-polls that started together do not all

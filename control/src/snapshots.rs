@@ -4,7 +4,9 @@
 //! reference-count increment.
 
 use bytes::Bytes;
-use mesh_config::{BudgetReport, Catalog, Phase, Policy, Snapshot};
+use mesh_config::resilience::Fallback;
+use mesh_config::{BudgetReport, Catalog, Phase, Policy, Resilience, Snapshot};
+use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -32,7 +34,8 @@ pub fn next_version(prev: u64) -> u64 {
 
 impl Generation {
     pub fn build(catalog: &Catalog, policy: &Policy, version: u64) -> Self {
-        let (snapshot, skipped) = policy.snapshot(catalog, version);
+        let (mut snapshot, mut skipped) = policy.snapshot(catalog, version);
+        skip_undiscovered_fallbacks(&mut snapshot, &mut skipped);
         let budget = crate::budget_engine::compute(policy, catalog);
         let mut views = Vec::with_capacity(Phase::ALL.len() + 1);
         for phase in Phase::ALL {
@@ -48,6 +51,18 @@ impl Generation {
             skipped,
             views,
         }
+    }
+
+    /// Checks every view as a sidecar will: parsed from the bytes it receives and validated
+    /// with the same rules. A generation that fails is never served.
+    pub fn check(&self) -> Result<(), String> {
+        for body in &self.views {
+            serde_json::from_slice::<Snapshot>(body)
+                .map_err(|e| format!("not a snapshot: {e}"))?
+                .validate()
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// The body for a sidecar of `phase`.
@@ -70,6 +85,27 @@ impl Generation {
     }
 }
 
+/// A fallback to a service that is not discovered is left out and reported, as a route rule
+/// to one is: a sidecar rejects a snapshot whose fallback names an unknown service, and
+/// Consul decides which services exist.
+fn skip_undiscovered_fallbacks(snap: &mut Snapshot, skipped: &mut Vec<String>) {
+    let known: HashSet<String> = snap.services.iter().map(|s| s.name.clone()).collect();
+    let mut skip = |owner: &str, r: &mut Resilience| {
+        if let Some(Fallback::Target { service }) = &r.fallback {
+            if !known.contains(service) {
+                skipped.push(format!(
+                    "fallback of {owner} skipped: target {service:?} is not discovered"
+                ));
+                r.fallback = None;
+            }
+        }
+    };
+    skip("defaults", &mut snap.defaults.resilience);
+    for svc in &mut snap.services {
+        skip(&svc.name, &mut svc.resilience);
+    }
+}
+
 fn to_json(snap: &Snapshot) -> Bytes {
     // A snapshot holds only strings, numbers and maps with string keys: it always serializes.
     Bytes::from(serde_json::to_vec(snap).unwrap_or_default())
@@ -80,6 +116,8 @@ pub struct Snapshots {
     pub catalog: watch::Receiver<Arc<Catalog>>,
     pub policy: watch::Receiver<Arc<Policy>>,
     pub out: watch::Sender<Arc<Generation>>,
+    /// Why the last build was not served, while it is not (see [`Generation::check`]).
+    pub invalid: watch::Sender<Option<String>>,
     /// False until the catalog source has delivered a first catalog.
     pub synced: bool,
 }
@@ -111,6 +149,17 @@ impl Snapshots {
         }
         let version = next_version(prev.version);
         let gen = Generation::build(&catalog, &policy, version);
+        if let Err(reason) = gen.check() {
+            // A bug, not an input: everything from Consul and the policy is checked before.
+            if self.invalid.borrow().as_ref() != Some(&reason) {
+                tracing::error!(version, %reason,
+                    "built snapshot fails the sidecars' validation; not served, the last one stays");
+                ::metrics::counter!(crate::metrics::SNAPSHOT_INVALID).increment(1);
+            }
+            self.invalid.send_replace(Some(reason));
+            return;
+        }
+        self.invalid.send_replace(None);
         tracing::info!(
             version,
             services = gen.snapshot.services.len(),
@@ -191,6 +240,7 @@ mod tests {
             catalog,
             policy,
             out,
+            invalid: watch::Sender::new(None),
             synced: true,
         };
         let log = Captured::default();

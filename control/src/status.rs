@@ -1,7 +1,10 @@
-//! What `/status` reports: the discovery source and whether it is stale, the policy in force
-//! and the last rejection, the budgets, and every sidecar with its version, ack state and
-//! last contact.
+//! What `/status` reports: whether a snapshot is published (and why not), the discovery
+//! source and whether it is stale, what it failed to read, the entries it left out and a
+//! catalog held back; the policy in force and the last rejection, the budgets, and every
+//! sidecar with its version, ack state and last contact.
 
+use crate::consul::admit::Rejected;
+use crate::guard::Held;
 use crate::snapshots::Generation;
 use mesh_config::Phase;
 use serde::{Deserialize, Serialize};
@@ -25,7 +28,11 @@ pub struct DiscoveryStatus {
     /// The catalog served is the last known one; the source is failing.
     pub stale: bool,
     pub last_error: Option<String>,
-    /// When the catalog last changed (0: never synced).
+    /// What is failing now, one `what: error` each (the service list, single services).
+    pub failing: Vec<String>,
+    /// Entries left out of the catalog, with the reason.
+    pub rejected: Vec<Rejected>,
+    /// When the catalog last changed (0: never read).
     pub synced_unix_ms: u64,
 }
 
@@ -191,6 +198,9 @@ pub struct Status {
     pub discovery: watch::Receiver<DiscoveryStatus>,
     pub policy: watch::Receiver<PolicyStatus>,
     pub generations: watch::Receiver<Arc<Generation>>,
+    pub held: watch::Receiver<Option<Held>>,
+    /// Why the last snapshot built was not served, while it is not.
+    pub invalid: watch::Receiver<Option<String>>,
     pub sidecars: Arc<Sidecars>,
 }
 
@@ -201,14 +211,36 @@ impl Status {
         let gen = self.generations.borrow().clone();
         let discovery = self.discovery.borrow().clone();
         let policy = self.policy.borrow().clone();
+        let held = self.held.borrow().clone();
+        // Version 0 is never served: say why, so an operator knows sidecars run on their own.
+        let not_published = (gen.version == 0).then(|| match (&held, &discovery.last_error) {
+            (Some(h), _) => format!("catalog held back: {}", h.reason),
+            _ if self.invalid.borrow().is_some() => {
+                "the snapshot built fails validation (see snapshot_invalid)".to_owned()
+            }
+            (None, Some(e)) if discovery.synced_unix_ms == 0 => format!(
+                "no catalog read from {} yet; sidecars keep their last snapshot: {e}",
+                discovery.source
+            ),
+            _ => format!(
+                "waiting for the first catalog from {}; sidecars keep their last snapshot",
+                discovery.source
+            ),
+        });
         json!({
             "snapshot_version": gen.version,
+            "published": gen.version != 0,
+            "not_published": not_published,
+            "snapshot_invalid": *self.invalid.borrow(),
             "catalog": {
                 "source": discovery.source,
                 "stale": discovery.stale,
                 "last_error": discovery.last_error,
+                "failing": discovery.failing,
                 "synced_unix_ms": discovery.synced_unix_ms,
                 "services": gen.snapshot.services.len(),
+                "held": held,
+                "rejected": discovery.rejected,
                 "skipped_routes": gen.skipped,
             },
             "policy": policy,

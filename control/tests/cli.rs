@@ -25,3 +25,16 @@ fn unknown_argument_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage:"));
 }
+
+#[test]
+fn a_drop_limit_outside_0_to_100_is_a_usage_error() {
+    for bad in ["150", "-1", "half"] {
+        let out = control()
+            .args(["--max-catalog-drop", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--max-catalog-drop"), "{err}");
+    }
+}

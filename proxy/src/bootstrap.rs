@@ -139,6 +139,7 @@ pub enum AppProtocol {
     Auto,
 }
 
+/// `[snapshot]`; a bootstrap without the section gets no file and the default poll interval.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSource {
@@ -454,5 +455,17 @@ mod tests {
             format!("{HEAD}[[upstreams]]\nservice = \"Ollama.mesh\"\nlisten = \"127.0.0.1:1\"\n");
         let err = Bootstrap::from_toml(Path::new("s.toml"), &bad).unwrap_err();
         assert!(err.to_string().contains("not a service name"), "{err}");
+    }
+
+    #[test]
+    fn a_bootstrap_without_snapshot_starts_with_no_routes_and_the_default_poll() {
+        // The README documents every `[snapshot]` key as optional: so is the section.
+        let boot = Bootstrap::from_toml(
+            Path::new("sidecar.toml"),
+            "agent = \"a\"\nphase = \"critical\"\n[listen]\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(boot.snapshot.file.is_none());
+        assert_eq!(boot.snapshot.poll_interval, Duration::from_secs(1));
     }
 }

@@ -69,6 +69,20 @@ pub const ERROR_KINDS: [&str; 16] = [
     "rate_limited",
 ];
 
+/// Kinds counted in `agent_protocol_errors_total{kind}`: a closed set, exported at 0.
+pub const PROTOCOL_ERROR_KINDS: [&str; 5] = [
+    "unknown_protocol",
+    "header_too_large",
+    "malformed_request",
+    "header_timeout",
+    "http",
+];
+
+/// The `target` label of requests that matched no route. The authority asked for is not a
+/// label (any caller could mint new series with it; it is in the access log and the 503
+/// body); this value cannot be a service name, which is a DNS label.
+pub const NO_ROUTE_TARGET: &str = "(no route)";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide recorder once; later calls return the same handle.
@@ -84,8 +98,19 @@ pub fn install() -> &'static PrometheusHandle {
         // Another recorder may already be installed (an embedding program); ours still renders.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        register_at_zero();
         handle
     })
+}
+
+/// Counters alerts read with `increase()` exist from the start: a counter born at 1 on its
+/// first event shows no increase, so the first rejection would never alert.
+fn register_at_zero() {
+    metrics::counter!(SNAPSHOT_APPLIED).increment(0);
+    metrics::counter!(SNAPSHOT_REJECTIONS).increment(0);
+    for kind in PROTOCOL_ERROR_KINDS {
+        metrics::counter!(PROTOCOL_ERRORS, "kind" => kind).increment(0);
+    }
 }
 
 fn describe() {
@@ -107,6 +132,10 @@ fn describe() {
     describe_counter!(SNAPSHOT_APPLIED, "Snapshots applied.");
     describe_counter!(SNAPSHOT_REJECTIONS, "Snapshots rejected as invalid.");
     describe_gauge!(INBOUND_QUEUE_DEPTH, "Requests waiting for an inbound slot.");
+    describe_gauge!(
+        crate::inbound::concurrency::INBOUND_CONCURRENCY_LIMIT,
+        "Requests the local app may handle at once: the agent's budget share, else inbound.max_concurrency."
+    );
     describe_gauge!(RESOURCE_USAGE, Unit::Bytes, "Resident memory of the proxy.");
     describe_gauge!(UPSTREAM_READY, "1 when the local app answers TCP connects.");
     describe_counter!(
@@ -178,7 +207,13 @@ pub struct TargetMetrics {
 }
 
 impl TargetMetrics {
+    /// `target` empty means no route was found: it is exported as [`NO_ROUTE_TARGET`].
     pub fn new(direction: &'static str, agent: &str, phase: &str, target: &str) -> Arc<Self> {
+        let target = if target.is_empty() {
+            NO_ROUTE_TARGET
+        } else {
+            target
+        };
         let labels = vec![
             Label::new("direction", direction),
             Label::new("agent", agent.to_owned()),
@@ -283,6 +318,10 @@ fn status_str(code: u16) -> &'static str {
 }
 
 pub fn protocol_error(kind: &'static str) {
+    debug_assert!(
+        PROTOCOL_ERROR_KINDS.contains(&kind),
+        "protocol error kind {kind} is not exported at 0"
+    );
     metrics::counter!(PROTOCOL_ERRORS, "kind" => kind).increment(1);
 }
 

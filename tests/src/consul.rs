@@ -1,8 +1,12 @@
-//! A Consul API test double on `127.0.0.1:0`: the documented response shapes of
-//! `/v1/catalog/services`, `/v1/health/service/<name>?passing`, `/v1/agent/service/register`
-//! and `/v1/agent/service/deregister/<id>`, with blocking semantics: a query whose `index` is
-//! current hangs until the index moves or `wait` passes, and every answer carries
-//! `X-Consul-Index`. The test can move the index backwards to exercise the client's reset.
+//! A Consul API test double on `127.0.0.1:0`, answering in HashiCorp's field layout (as their
+//! own API test double and docs show it): `/v1/catalog/services` (tag lists may be `null`),
+//! `/v1/health/service/<name>` (each entry a `Node` with `TaggedAddresses` and `Meta`, a
+//! `Service` with `Kind`, `Proxy`, `Weights`, `TaggedAddresses`, nullable `Tags` and `Meta`,
+//! and `Checks` for the node and the service in mixed states), `/v1/status/leader`,
+//! `/v1/agent/service/register` and `/v1/agent/service/deregister/<id>`, with blocking
+//! semantics: a query whose `index` is current hangs until the index moves or `wait` passes,
+//! and every answer carries `X-Consul-Index`. The test can move the index backwards, make
+//! Consul ignore `?passing`, fail every call, or hang every call.
 //!
 //! Dropping (or [`FakeConsul::stop`]ping) it closes the listener and every connection.
 
@@ -22,22 +26,55 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+/// One registration, written out in Consul's layout by [`Instance::entry`].
 #[derive(Clone, Debug)]
-struct Instance {
-    id: String,
-    addr: SocketAddr,
-    tags: Vec<String>,
-    passing: bool,
+pub struct Instance {
+    pub id: String,
+    pub service: String,
+    /// `""` for an agent; `connect-proxy`, `mesh-gateway`, ...
+    pub kind: String,
+    /// The service address: an IP, a host name, or empty (the node's address applies).
+    pub address: String,
+    pub port: u16,
+    /// `None` is written as `null`, as Consul does for a service without tags.
+    pub tags: Option<Vec<String>>,
+    pub node_address: String,
+    /// The service's own check states (`passing`, `warning`, `critical`, `maintenance`).
+    pub checks: Vec<&'static str>,
+    /// The node's `serfHealth` state.
+    pub node_check: &'static str,
+}
+
+/// How the double fails every call, Consul's API included.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Outage {
+    #[default]
+    None,
+    /// Answers every call with this status (500 "No cluster leader", as a Consul without
+    /// quorum does).
+    Error(u16),
+    /// Accepts connections and reads requests, but never answers while the outage lasts.
+    Hang,
+}
+
+#[derive(Debug, Default)]
+struct Registered {
+    /// The tags `/v1/catalog/services` lists: `Value::Null` or an array.
+    tags: Value,
+    entries: Vec<Value>,
 }
 
 #[derive(Debug, Default)]
 struct World {
     index: u64,
-    /// service name -> instances
-    services: BTreeMap<String, Vec<Instance>>,
+    services: BTreeMap<String, Registered>,
     registered: Vec<Value>,
     deregistered: Vec<String>,
     queries: u64,
+    ignore_passing: bool,
+    outage: Outage,
+    /// Services whose health query answers with this status.
+    failing: BTreeMap<String, u16>,
 }
 
 #[derive(Debug)]
@@ -84,20 +121,65 @@ impl FakeConsul {
 
     /// Sets a mesh service's passing instances (tags `mesh`, `phase=<phase>`); moves the index.
     pub fn set_service(&self, name: &str, phase: &str, endpoints: &[SocketAddr]) {
-        let tags = vec!["mesh".to_owned(), format!("phase={phase}")];
+        let instances: Vec<Instance> = endpoints
+            .iter()
+            .map(|a| Instance::agent(name, phase, *a))
+            .collect();
+        self.set_instances(name, &instances);
+    }
+
+    /// Sets a service's instances as registered (any kind, address and check state); its
+    /// listed tags are the union of theirs (`null` when none has tags). Moves the index.
+    pub fn set_instances(&self, name: &str, instances: &[Instance]) {
+        let mut tags: Vec<String> = instances
+            .iter()
+            .flat_map(|i| i.tags.clone().unwrap_or_default())
+            .collect();
+        tags.sort();
+        tags.dedup();
+        let tags = if instances.iter().all(|i| i.tags.is_none()) {
+            Value::Null
+        } else {
+            json!(tags)
+        };
+        let entries = instances.iter().map(Instance::entry).collect();
+        self.set_entries(name, tags, entries);
+    }
+
+    /// Sets a service's raw answer: the tags `/v1/catalog/services` lists for it and the
+    /// entries `/v1/health/service/<name>` returns, whatever they hold. Moves the index.
+    pub fn set_entries(&self, name: &str, tags: Value, entries: Vec<Value>) {
         self.mutate(|w| {
             w.index += 1;
-            let instances = endpoints
-                .iter()
-                .map(|a| Instance {
-                    id: format!("{name}-{}", a.port()),
-                    addr: *a,
-                    tags: tags.clone(),
-                    passing: true,
-                })
-                .collect();
-            w.services.insert(name.to_owned(), instances);
+            w.services
+                .insert(name.to_owned(), Registered { tags, entries });
         });
+    }
+
+    /// Removes every service; moves the index (a Consul that lost its state).
+    pub fn clear(&self) {
+        self.mutate(|w| {
+            w.index += 1;
+            w.services.clear();
+        });
+    }
+
+    /// Serves failing instances even when asked for `?passing` (a misbehaving proxy in front).
+    pub fn ignore_passing(&self) {
+        self.mutate(|w| w.ignore_passing = true);
+    }
+
+    /// Makes one service's health query fail with `status` (`None`: answer again).
+    pub fn fail_service(&self, name: &str, status: Option<u16>) {
+        self.mutate(|w| match status {
+            Some(s) => w.failing.insert(name.to_owned(), s),
+            None => w.failing.remove(name),
+        });
+    }
+
+    /// Starts or ends an outage of every endpoint.
+    pub fn set_outage(&self, outage: Outage) {
+        self.mutate(|w| w.outage = outage);
     }
 
     /// Sets the index as a restored or re-elected Consul might: possibly lower than before.
@@ -180,6 +262,133 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// What `?passing` keeps: entries whose every check passes.
+fn all_passing(entry: &Value) -> bool {
+    entry["Checks"]
+        .as_array()
+        .is_none_or(|checks| checks.iter().all(|c| c["Status"] == "passing"))
+}
+
+// === impl Instance ===
+
+impl Instance {
+    /// A mesh agent: tags `mesh`, `phase=<phase>`, every check passing.
+    pub fn agent(service: &str, phase: &str, addr: SocketAddr) -> Self {
+        Self {
+            id: format!("{service}-{}", addr.port()),
+            service: service.to_owned(),
+            kind: String::new(),
+            address: addr.ip().to_string(),
+            port: addr.port(),
+            tags: Some(vec!["mesh".to_owned(), format!("phase={phase}")]),
+            node_address: addr.ip().to_string(),
+            checks: vec!["passing"],
+            node_check: "passing",
+        }
+    }
+
+    /// The Connect sidecar proxy Consul registers beside `parent`, inheriting its tags.
+    pub fn connect_proxy(parent: &Instance, port: u16) -> Self {
+        Self {
+            id: format!("{}-sidecar-proxy", parent.id),
+            service: format!("{}-sidecar-proxy", parent.service),
+            kind: "connect-proxy".into(),
+            port,
+            ..parent.clone()
+        }
+    }
+
+    /// The entry `/v1/health/service/<name>` returns for this instance.
+    pub fn entry(&self) -> Value {
+        let proxy = if self.kind == "connect-proxy" {
+            let parent = self.service.trim_end_matches("-sidecar-proxy");
+            json!({
+                "DestinationServiceName": parent,
+                "DestinationServiceID": self.id.trim_end_matches("-sidecar-proxy"),
+                "LocalServiceAddress": "127.0.0.1",
+                "LocalServicePort": 8080,
+                "Mode": "",
+                "Config": null,
+                "Upstreams": null,
+                "MeshGateway": {},
+                "Expose": {},
+            })
+        } else {
+            json!({ "Mode": "", "MeshGateway": {}, "Expose": {} })
+        };
+        let tagged = if self.address.is_empty() {
+            json!({})
+        } else {
+            json!({
+                "lan_ipv4": { "Address": self.address, "Port": self.port },
+                "wan_ipv4": { "Address": self.address, "Port": self.port },
+            })
+        };
+        let mut checks = vec![json!({
+            "Node": "node-1",
+            "CheckID": "serfHealth",
+            "Name": "Serf Health Status",
+            "Status": self.node_check,
+            "Notes": "",
+            "Output": "Agent alive and reachable",
+            "ServiceID": "",
+            "ServiceName": "",
+            "ServiceTags": [],
+            "Type": "",
+            "Definition": {},
+            "CreateIndex": 10,
+            "ModifyIndex": 10,
+        })];
+        for (i, status) in self.checks.iter().enumerate() {
+            checks.push(json!({
+                "Node": "node-1",
+                "CheckID": format!("service:{}:{}", self.id, i + 1),
+                "Name": format!("Service '{}' check", self.service),
+                "Status": status,
+                "Notes": "",
+                "Output": "",
+                "ServiceID": self.id,
+                "ServiceName": self.service,
+                "ServiceTags": self.tags.clone().unwrap_or_default(),
+                "Type": "http",
+                "Definition": {},
+                "CreateIndex": 12,
+                "ModifyIndex": 12,
+            }));
+        }
+        json!({
+            "Node": {
+                "ID": "40e4a748-2192-161a-0510-9bf59fe950b5",
+                "Node": "node-1",
+                "Address": self.node_address,
+                "Datacenter": "dc1",
+                "TaggedAddresses": { "lan": self.node_address, "wan": self.node_address },
+                "Meta": null,
+                "CreateIndex": 5,
+                "ModifyIndex": 5,
+            },
+            "Service": {
+                "Kind": self.kind,
+                "ID": self.id,
+                "Service": self.service,
+                "Tags": self.tags,
+                "Address": self.address,
+                "TaggedAddresses": tagged,
+                "Meta": null,
+                "Port": self.port,
+                "Weights": { "Passing": 1, "Warning": 1 },
+                "EnableTagOverride": false,
+                "Proxy": proxy,
+                "Connect": {},
+                "Namespace": "default",
+                "CreateIndex": 12,
+                "ModifyIndex": 12,
+            },
+            "Checks": checks,
+        })
+    }
+}
+
 fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query.split('&').find_map(|p| {
         let (k, v) = p.split_once('=').unwrap_or((p, ""));
@@ -187,47 +396,73 @@ fn param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// Waits out a hang; answers the outage's error, if any.
+async fn outage(shared: &Shared) -> Option<Response<Full<Bytes>>> {
+    let mut rx = shared.changed.subscribe();
+    loop {
+        let outage = shared.world.lock().expect("world lock").outage.clone();
+        match outage {
+            Outage::None => return None,
+            Outage::Error(status) => {
+                let status = StatusCode::from_u16(status).expect("a status code");
+                return Some(reply(status, "No cluster leader".into(), None));
+            }
+            Outage::Hang => {
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(rsp) = outage(shared).await {
+        return rsp;
+    }
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/v1/status/leader") => {
+            reply(StatusCode::OK, "\"127.0.0.1:8300\"".into(), None)
+        }
         (Method::GET, "/v1/catalog/services") => {
             blocking(shared, &query, |w| {
-                let map: BTreeMap<&String, Vec<String>> = w
-                    .services
-                    .iter()
-                    .map(|(name, inst)| {
-                        let mut tags: Vec<String> =
-                            inst.iter().flat_map(|i| i.tags.clone()).collect();
-                        tags.sort();
-                        tags.dedup();
-                        (name, tags)
-                    })
-                    .collect();
-                json!(map)
+                let mut map = serde_json::Map::new();
+                // Consul lists itself, with no tags.
+                map.insert("consul".into(), json!([]));
+                for (name, r) in &w.services {
+                    if !r.entries.is_empty() {
+                        map.insert(name.clone(), r.tags.clone());
+                    }
+                }
+                Value::Object(map)
             })
             .await
         }
         (Method::GET, p) if p.starts_with("/v1/health/service/") => {
             let name = p.trim_start_matches("/v1/health/service/").to_owned();
+            let failing = shared
+                .world
+                .lock()
+                .expect("world lock")
+                .failing
+                .get(&name)
+                .copied();
+            if let Some(status) = failing {
+                let status = StatusCode::from_u16(status).expect("a status code");
+                return reply(status, "rpc error: permission denied".into(), None);
+            }
             let passing = param(&query, "passing").is_some();
             blocking(shared, &query, move |w| {
                 let entries: Vec<Value> = w
                     .services
                     .get(&name)
-                    .into_iter()
-                    .flatten()
-                    .filter(|i| i.passing || !passing)
-                    .map(|i| {
-                        json!({
-                            "Node": { "Node": "node-1", "Address": i.addr.ip().to_string() },
-                            "Service": {
-                                "ID": i.id, "Service": name, "Tags": i.tags,
-                                "Address": i.addr.ip().to_string(), "Port": i.addr.port(),
-                            },
-                            "Checks": [{ "Status": "passing" }],
-                        })
-                    })
+                    .map(|r| r.entries.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|e| !passing || w.ignore_passing || all_passing(e))
+                    .cloned()
                     .collect();
                 json!(entries)
             })
@@ -239,26 +474,34 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
                 return reply(StatusCode::BAD_REQUEST, "bad body".into(), None);
             };
             let name = reg["Name"].as_str().unwrap_or_default().to_owned();
-            let ip = reg["Address"].as_str().unwrap_or("127.0.0.1");
-            let port = reg["Port"].as_u64().unwrap_or(0) as u16;
-            let addr = SocketAddr::new(ip.parse().expect("an IP address"), port);
-            let tags = reg["Tags"]
-                .as_array()
-                .map(|t| {
-                    t.iter()
-                        .filter_map(|v| v.as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let tags: Option<Vec<String>> = reg["Tags"].as_array().map(|t| {
+                t.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            });
+            let instance = Instance {
+                id: reg["ID"].as_str().unwrap_or(&name).to_owned(),
+                service: name.clone(),
+                kind: reg["Kind"].as_str().unwrap_or_default().to_owned(),
+                address: reg["Address"].as_str().unwrap_or_default().to_owned(),
+                port: reg["Port"].as_u64().unwrap_or(0) as u16,
+                tags: tags.clone(),
+                node_address: "127.0.0.1".into(),
+                checks: vec!["passing"],
+                node_check: "passing",
+            };
             let mut w = shared.world.lock().expect("world lock");
             w.index += 1;
-            let id = reg["ID"].as_str().unwrap_or(&name).to_owned();
-            w.services.entry(name).or_default().push(Instance {
-                id,
-                addr,
-                tags,
-                passing: true,
-            });
+            let r = w.services.entry(name).or_default();
+            if let Some(tags) = tags {
+                let mut all: Vec<String> =
+                    serde_json::from_value(r.tags.clone()).unwrap_or_default();
+                all.extend(tags);
+                all.sort();
+                all.dedup();
+                r.tags = json!(all);
+            }
+            r.entries.push(instance.entry());
             w.registered.push(reg);
             drop(w);
             shared.changed.send_modify(|n| *n += 1);
@@ -270,10 +513,11 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
                 .to_owned();
             let mut w = shared.world.lock().expect("world lock");
             w.index += 1;
-            for instances in w.services.values_mut() {
-                instances.retain(|i| i.id != id);
+            for r in w.services.values_mut() {
+                r.entries
+                    .retain(|e| e.pointer("/Service/ID").and_then(Value::as_str) != Some(&id));
             }
-            w.services.retain(|_, v| !v.is_empty());
+            w.services.retain(|_, r| !r.entries.is_empty());
             w.deregistered.push(id);
             drop(w);
             shared.changed.send_modify(|n| *n += 1);
@@ -308,6 +552,10 @@ async fn blocking(
             }
         })
         .await;
+    }
+    // An outage that began while the query waited ends it the outage's way.
+    if let Some(rsp) = outage(shared).await {
+        return rsp;
     }
     let mut w = shared.world.lock().expect("world lock");
     w.queries += 1;

@@ -10,10 +10,12 @@
 
 use crate::bounded;
 use mesh_control::consul::watch::Params;
+use mesh_control::snapshots::Generation;
 use mesh_control::{Config, Running, Source};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
 
@@ -21,6 +23,8 @@ pub struct Builder {
     catalog: String,
     consul: Option<SocketAddr>,
     policy: Vec<(String, String)>,
+    max_catalog_drop_percent: u8,
+    confirm_token: Option<String>,
 }
 
 pub struct TestControl {
@@ -35,6 +39,8 @@ pub fn builder() -> Builder {
         catalog: String::new(),
         consul: None,
         policy: Vec::new(),
+        max_catalog_drop_percent: mesh_control::guard::DEFAULT_MAX_DROP_PERCENT,
+        confirm_token: None,
     }
 }
 
@@ -70,6 +76,19 @@ impl Builder {
         self
     }
 
+    /// `--max-catalog-drop`: the largest share of services or endpoints a catalog may lose
+    /// at once before it is held back.
+    pub fn max_catalog_drop(mut self, percent: u8) -> Self {
+        self.max_catalog_drop_percent = percent;
+        self
+    }
+
+    /// `MESH_CONTROL_TOKEN`: enables `POST /v1/catalog/confirm` with this bearer token.
+    pub fn confirm_token(mut self, token: &str) -> Self {
+        self.confirm_token = Some(token.to_owned());
+        self
+    }
+
     /// Adds or replaces a policy file (by name) in the copied policy directory.
     pub fn policy_file(mut self, name: &str, text: &str) -> Self {
         self.policy.push((name.to_owned(), text.to_owned()));
@@ -96,6 +115,9 @@ impl Builder {
                     min_interval: Duration::from_millis(50),
                     backoff_base: Duration::from_millis(20),
                     backoff_max: Duration::from_millis(200),
+                    probe_interval: Duration::from_millis(50),
+                    probe_timeout: Duration::from_millis(500),
+                    health: Default::default(),
                 },
             },
             None => {
@@ -109,6 +131,8 @@ impl Builder {
             policy_dir,
             source,
             poll_interval: Duration::from_millis(20),
+            max_catalog_drop_percent: self.max_catalog_drop_percent,
+            confirm_token: self.confirm_token,
         };
         let running = bounded("mesh_control::start", mesh_control::start(cfg.clone()))
             .await
@@ -171,6 +195,27 @@ impl TestControl {
 
     pub fn version(&self) -> u64 {
         self.running().generations().borrow().version
+    }
+
+    /// The generation served now (version 0: none yet).
+    pub fn generation(&self) -> Arc<Generation> {
+        self.running().generations().borrow().clone()
+    }
+
+    /// Waits for a served generation satisfying `check`; returns it.
+    pub async fn wait_generation(
+        &self,
+        what: &str,
+        check: impl Fn(&Generation) -> bool,
+    ) -> Arc<Generation> {
+        let mut rx = self.running().generations();
+        bounded(what, async move {
+            rx.wait_for(|g| g.version != 0 && check(g))
+                .await
+                .expect("control alive")
+                .clone()
+        })
+        .await
     }
 
     /// Waits for a served version other than `than` (0: the first one); returns it.

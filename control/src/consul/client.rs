@@ -1,5 +1,7 @@
-//! A small typed Consul HTTP client for the few endpoints the mesh uses, on the same hyper
-//! stack as the rest of the mesh. Blocking queries return the `X-Consul-Index` beside the body.
+//! A small Consul HTTP client for the few endpoints the mesh uses, on the same hyper stack as
+//! the rest of the mesh. Blocking queries return the `X-Consul-Index` beside the body and give
+//! up when the answer takes longer than the wait plus a small margin ([`blocking_limit`]).
+//! Answers are handed on as JSON values: what they may hold is decided in [`super::admit`].
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
@@ -7,9 +9,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde_json::Value;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// Why a Consul call failed; every variant names the request.
@@ -43,6 +44,10 @@ pub enum ConsulError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("/v1/status/leader: the Consul cluster has no leader")]
+    NoLeader,
+    #[error("no answer: the liveness probe failed ({0})")]
+    Down(String),
     #[error("{0:?} is not a Consul address (host:port)")]
     Address(String),
 }
@@ -61,53 +66,10 @@ pub struct Indexed<T> {
     pub value: T,
 }
 
-/// One entry of `/v1/health/service/<name>`: the fields the mesh reads.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ServiceEntry {
-    pub node: Node,
-    pub service: AgentService,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct Node {
-    #[serde(default)]
-    pub address: String,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct AgentService {
-    #[serde(rename = "ID", default)]
-    pub id: String,
-    pub service: String,
-    #[serde(default)]
-    pub address: String,
-    pub port: u16,
-    #[serde(default)]
-    pub tags: Option<Vec<String>>,
-}
-
 #[derive(Clone, Debug)]
 pub struct ConsulClient {
     authority: http::uri::Authority,
     http: Client<HttpConnector, Full<Bytes>>,
-}
-
-// === impl ServiceEntry ===
-
-impl ServiceEntry {
-    /// The instance's address: the service address, or the node's when the service has none.
-    pub fn socket_addr(&self) -> Option<SocketAddr> {
-        let host = if self.service.address.is_empty() {
-            &self.node.address
-        } else {
-            &self.service.address
-        };
-        let ip: IpAddr = host.parse().ok()?;
-        Some(SocketAddr::new(ip, self.service.port))
-    }
 }
 
 // === impl ConsulClient ===
@@ -129,22 +91,49 @@ impl ConsulClient {
         Ok(Self { authority, http })
     }
 
-    /// `/v1/catalog/services`: service names and their tags.
+    /// `/v1/catalog/services`: service names and their tags, as Consul wrote them (a tag list
+    /// may be `null`); [`super::admit::services`] reads them one by one.
     pub async fn catalog_services(
         &self,
         q: Query,
-    ) -> Result<Indexed<BTreeMap<String, Vec<String>>>, ConsulError> {
+    ) -> Result<Indexed<BTreeMap<String, Value>>, ConsulError> {
         self.blocking("/v1/catalog/services?", q).await
     }
 
-    /// `/v1/health/service/<name>?passing`: instances whose checks all pass.
-    pub async fn healthy_instances(
+    /// `/v1/health/service/<name>`: every instance with its node and checks, one JSON value
+    /// each, so one malformed entry costs only itself ([`super::admit::instances`]). The
+    /// `passing` filter is not asked for: health is read from each entry's `Checks`, and the
+    /// kind of an instance whose checks fail is still seen. `name` must be a valid service
+    /// name (it goes into the path as is).
+    pub async fn instances(
         &self,
         service: &str,
         q: Query,
-    ) -> Result<Indexed<Vec<ServiceEntry>>, ConsulError> {
-        let path = format!("/v1/health/service/{service}?passing&");
+    ) -> Result<Indexed<Vec<Value>>, ConsulError> {
+        let path = format!("/v1/health/service/{service}?");
         self.blocking(&path, q).await
+    }
+
+    /// `/v1/status/leader`: a cheap liveness probe. An empty answer means the cluster has no
+    /// leader, so reads fail or go stale.
+    pub async fn leader(&self, limit: Duration) -> Result<(), ConsulError> {
+        let path = "/v1/status/leader";
+        let (status, _, body) = self.call(Method::GET, path, None, limit).await?;
+        if status != StatusCode::OK {
+            return Err(ConsulError::Status {
+                path: path.to_owned(),
+                status,
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            });
+        }
+        match serde_json::from_slice::<String>(&body) {
+            Ok(leader) if !leader.is_empty() => Ok(()),
+            Ok(_) => Err(ConsulError::NoLeader),
+            Err(source) => Err(ConsulError::Decode {
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     async fn blocking<T: DeserializeOwned>(
@@ -154,8 +143,7 @@ impl ConsulClient {
     ) -> Result<Indexed<T>, ConsulError> {
         let wait = q.wait.as_secs().max(1);
         let pq = format!("{path_and_query}index={}&wait={wait}s", q.index);
-        // Consul adds up to wait/16 of jitter; allow that plus a margin before giving up.
-        let limit = Duration::from_secs(wait + wait / 16 + 5);
+        let limit = blocking_limit(Duration::from_secs(wait));
         let (status, headers, body) = self.call(Method::GET, &pq, None, limit).await?;
         let path = strip_query(&pq);
         if status != StatusCode::OK {
@@ -237,6 +225,12 @@ impl ConsulClient {
             }),
         }
     }
+}
+
+/// How long a blocking query may take before it counts as hung: the wait, the up to wait/16
+/// of jitter Consul adds, and one second for the answer to travel.
+pub fn blocking_limit(wait: Duration) -> Duration {
+    wait + wait / 16 + Duration::from_secs(1)
 }
 
 fn strip_query(pq: &str) -> String {

@@ -1,6 +1,9 @@
-//! Discovery from Consul: a typed client and the blocking-query watch built on it.
+//! Discovery from Consul: a client, the admission of what it answers (validated per entry),
+//! a liveness probe, and the blocking-query watch built on them.
 
+pub mod admit;
 pub mod client;
+pub mod probe;
 pub mod watch;
 
 pub use client::{ConsulClient, ConsulError};

@@ -1,30 +1,42 @@
 //! Watches Consul with blocking queries: the service list, and for each mesh service its
-//! passing instances. Follows Consul's rules for blocking queries: the index is reset when it
-//! goes backwards or is 0, errors back off with jitter, and a query whose index did not move
-//! is not repeated faster than `min_interval`. While Consul is unreachable the last catalog
-//! stays published and the status says it is stale.
+//! instances. Follows Consul's rules for blocking queries: the index is reset when it goes
+//! backwards or is 0, errors back off with jitter, and a query whose index did not move is not
+//! repeated faster than `min_interval`. After a failure the next query asks for the current
+//! state (index 0), so a Consul that recovers clears the staleness with its first answer; the
+//! liveness [`probe`](super::probe) reports a hung or failing Consul within seconds and cuts
+//! backoffs short when it returns.
+//!
+//! Nothing is published before the service list and every listed service have been read once:
+//! a control process started while Consul is down publishes no catalog at all. Afterwards a
+//! failing service keeps its last endpoints, and the status says the catalog is stale. What
+//! the model cannot carry is left out per entry by [`admit`](super::admit) and reported.
 
-use super::client::{ConsulClient, Query};
-use super::{MESH_TAG, PHASE_TAG};
+use super::admit::{self, Admitted, HealthPolicy, Listed, Rejected};
+use super::client::{ConsulClient, ConsulError, Indexed, Query};
+use super::probe::{self, Liveness};
 use crate::status::DiscoveryStatus;
 use mesh_config::backoff::Backoff;
-use mesh_config::{Catalog, CatalogService, Phase};
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use mesh_config::{Catalog, Phase};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-/// Timing of the watch.
+/// Timing of the watch, and which check states count as healthy.
 #[derive(Clone, Copy, Debug)]
 pub struct Params {
-    /// `wait` sent with each blocking query.
+    /// `wait` sent with each blocking query; a query is abandoned after it plus a margin.
     pub wait: Duration,
     /// Floor between two queries when the index did not move.
     pub min_interval: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// How often Consul's liveness is probed, and how long a probe may take.
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    pub health: HealthPolicy,
 }
 
 impl Default for Params {
@@ -34,6 +46,9 @@ impl Default for Params {
             min_interval: Duration::from_secs(1),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(2),
+            probe_timeout: Duration::from_secs(2),
+            health: HealthPolicy::default(),
         }
     }
 }
@@ -57,35 +72,41 @@ pub fn pause(moved: bool, elapsed: Duration, min_interval: Duration) -> Duration
     }
 }
 
-/// The phase a service's tags name, if it is a mesh service.
-pub fn mesh_phase(tags: &[String]) -> Option<Phase> {
-    if !tags.iter().any(|t| t == MESH_TAG) {
-        return None;
-    }
-    let phase = tags
-        .iter()
-        .filter_map(|t| t.strip_prefix(PHASE_TAG))
-        .find_map(|p| Phase::ALL.into_iter().find(|ph| ph.as_str() == p));
-    Some(phase.unwrap_or(Phase::Specialized))
-}
-
 pub struct ConsulWatch {
     pub client: ConsulClient,
     pub params: Params,
-    pub catalog: watch::Sender<Arc<Catalog>>,
+    /// The catalog read from Consul; `None` until it has been read once.
+    pub catalog: watch::Sender<Option<Arc<Catalog>>>,
     pub status: watch::Sender<DiscoveryStatus>,
 }
 
-struct Health {
-    name: String,
-    result: Result<Vec<SocketAddr>, String>,
+enum Event {
+    List(Result<Listed, String>),
+    Service {
+        name: String,
+        result: Result<Admitted, String>,
+    },
 }
 
-/// A per-service watch, stopped when the service leaves the catalog.
+/// A per-service watch, stopped when the service leaves the list.
 struct Watched {
     phase: Phase,
-    endpoints: Option<Vec<SocketAddr>>,
+    /// The last answer read; `None` until the first one.
+    admitted: Option<Admitted>,
+    /// Its last failure, while failing.
+    failing: Option<String>,
     _task: AbortOnDrop,
+}
+
+#[derive(Default)]
+struct World {
+    /// The last service list read; `None` until the first one.
+    listed: Option<Listed>,
+    list_failing: Option<String>,
+    services: BTreeMap<String, Watched>,
+    live: Liveness,
+    /// Rejections already logged and counted, so a steady one is reported once.
+    reported: BTreeSet<(String, Option<String>, admit::Reason)>,
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -100,129 +121,177 @@ impl Drop for AbortOnDrop {
 
 impl ConsulWatch {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let (tx, mut rx) = mpsc::channel::<Health>(1024);
-        let mut services: BTreeMap<String, Watched> = BTreeMap::new();
-        // What is failing now, by service ("" for the service list).
-        let mut failing: BTreeMap<String, String> = BTreeMap::new();
-        let mut index = 0;
-        let mut backoff = Backoff::new(self.params.backoff_base, self.params.backoff_max);
-        let mut next = Box::pin(list(
+        let (live_tx, mut live) = watch::channel(Liveness::default());
+        let _probe = AbortOnDrop(tokio::spawn(probe::run(
             self.client.clone(),
-            index,
             self.params,
-            Duration::ZERO,
-        ));
+            live_tx,
+            stop.clone(),
+        )));
+        let (tx, mut rx) = mpsc::channel::<Event>(1024);
+        let client = self.client.clone();
+        let _list = AbortOnDrop(tokio::spawn(follow(
+            self.params,
+            live.clone(),
+            move |q| {
+                let client = client.clone();
+                async move { client.catalog_services(q).await }
+            },
+            tx.clone(),
+            |r| Event::List(r.map(|listed| admit::services(&listed))),
+        )));
+        let mut world = World::default();
         loop {
             tokio::select! {
                 _ = crate::stopped(&mut stop) => return,
-                (res, elapsed) = &mut next => {
-                    let delay = match res {
-                        Ok(r) => {
-                            backoff.reset();
-                            failing.remove("");
-                            let moved = r.index != index;
-                            index = next_index(index, r.index);
-                            self.reconcile(&mut services, &mut failing, r.value, &tx);
-                            pause(moved, elapsed, self.params.min_interval)
+                Some(event) = rx.recv() => match event {
+                    Event::List(Ok(listed)) => {
+                        if let Some(error) = world.list_failing.take() {
+                            tracing::info!(%error, "consul service list answers again");
                         }
-                        Err(e) => {
-                            ::metrics::counter!(crate::metrics::CONSUL_ERRORS).increment(1);
-                            if !failing.contains_key("") {
-                                tracing::warn!(error = %e, "consul unreachable; serving the last catalog");
+                        self.reconcile(&mut world, listed, &tx, &live);
+                    }
+                    Event::List(Err(error)) => {
+                        ::metrics::counter!(crate::metrics::CONSUL_ERRORS).increment(1);
+                        if world.list_failing.is_none() && live.borrow().up {
+                            tracing::warn!(%error, "consul service list failed; serving the last catalog");
+                        }
+                        world.list_failing = Some(error);
+                    }
+                    Event::Service { name, result } => {
+                        let Some(w) = world.services.get_mut(&name) else { continue };
+                        match result {
+                            Ok(admitted) => {
+                                if let Some(error) = w.failing.take() {
+                                    tracing::info!(service = %name, %error, "consul health query answers again");
+                                }
+                                w.admitted = Some(admitted);
                             }
-                            failing.insert(String::new(), e.to_string());
-                            backoff.next_delay()
-                        }
-                    };
-                    next = Box::pin(list(self.client.clone(), index, self.params, delay));
-                }
-                Some(h) = rx.recv() => {
-                    let Some(w) = services.get_mut(&h.name) else { continue };
-                    match h.result {
-                        Ok(eps) => {
-                            failing.remove(&h.name);
-                            w.endpoints = Some(eps);
-                        }
-                        Err(e) => {
-                            ::metrics::counter!(crate::metrics::CONSUL_ERRORS).increment(1);
-                            failing.insert(h.name, e);
+                            Err(error) => {
+                                ::metrics::counter!(crate::metrics::CONSUL_ERRORS).increment(1);
+                                // While Consul is down the probe has said so once; one line per
+                                // service would bury it.
+                                if w.failing.is_none() && live.borrow().up {
+                                    tracing::warn!(service = %name, %error,
+                                        "consul health query failed; keeping the service's last endpoints");
+                                }
+                                w.failing = Some(error);
+                            }
                         }
                     }
+                },
+                res = live.changed() => {
+                    if res.is_err() { return }
+                    world.live = live.borrow_and_update().clone();
                 }
             }
-            self.publish(&services, &failing);
+            self.publish(&mut world);
         }
     }
 
     fn reconcile(
         &self,
-        services: &mut BTreeMap<String, Watched>,
-        failing: &mut BTreeMap<String, String>,
-        listed: BTreeMap<String, Vec<String>>,
-        tx: &mpsc::Sender<Health>,
+        world: &mut World,
+        listed: Listed,
+        tx: &mpsc::Sender<Event>,
+        live: &watch::Receiver<Liveness>,
     ) {
-        let wanted: BTreeMap<String, Phase> = listed
-            .into_iter()
-            .filter_map(|(name, tags)| Some((name.clone(), mesh_phase(&tags)?)))
-            .collect();
-        services.retain(|name, _| wanted.contains_key(name));
-        failing.retain(|name, _| name.is_empty() || wanted.contains_key(name));
-        for (name, phase) in wanted {
-            if let Some(w) = services.get_mut(&name) {
-                w.phase = phase;
+        world
+            .services
+            .retain(|name, _| listed.services.contains_key(name));
+        for (name, phase) in &listed.services {
+            if let Some(w) = world.services.get_mut(name) {
+                w.phase = *phase;
                 continue;
             }
-            let task = tokio::spawn(watch_health(
-                self.client.clone(),
-                name.clone(),
+            let client = self.client.clone();
+            let health = self.params.health;
+            let service = name.clone();
+            let task = tokio::spawn(follow(
                 self.params,
+                live.clone(),
+                move |q| {
+                    let client = client.clone();
+                    let service = service.clone();
+                    async move { client.instances(&service, q).await }
+                },
                 tx.clone(),
+                {
+                    let name = name.clone();
+                    move |r: Result<Vec<serde_json::Value>, String>| Event::Service {
+                        name: name.clone(),
+                        result: r.map(|entries| admit::instances(&name, &entries, health)),
+                    }
+                },
             ));
-            services.insert(
-                name,
+            world.services.insert(
+                name.clone(),
                 Watched {
-                    phase,
-                    endpoints: None,
+                    phase: *phase,
+                    admitted: None,
+                    failing: None,
                     _task: AbortOnDrop(task),
                 },
             );
         }
+        world.listed = Some(listed);
     }
 
-    /// Publishes once every service has had its first answer; then on every change.
-    fn publish(&self, services: &BTreeMap<String, Watched>, failing: &BTreeMap<String, String>) {
-        let stale = !failing.is_empty();
-        let last_error = failing.values().next().cloned();
+    /// Reports the state, and publishes the catalog once the list and every listed service
+    /// have been read (or have failed) once; then on every change.
+    fn publish(&self, world: &mut World) {
+        let mut failing: Vec<String> = Vec::new();
+        if let Some(e) = &world.list_failing {
+            failing.push(format!("service list: {e}"));
+        }
+        for (name, w) in &world.services {
+            if let Some(e) = &w.failing {
+                failing.push(format!("{name}: {e}"));
+            }
+        }
+        let stale = !world.live.up || !failing.is_empty();
+        let last_error = world
+            .live
+            .error
+            .clone()
+            .or_else(|| failing.first().cloned());
+        let rejected = self.rejections(world);
         self.status.send_if_modified(|s| {
-            let changed = s.stale != stale || s.last_error != last_error;
+            let changed = s.stale != stale
+                || s.last_error != last_error
+                || s.failing != failing
+                || s.rejected != rejected;
             s.stale = stale;
             s.last_error = last_error;
+            s.failing = failing;
+            s.rejected = rejected;
             changed
         });
         ::metrics::gauge!(crate::metrics::CATALOG_STALE).set(if stale { 1.0 } else { 0.0 });
-        let complete = services
-            .iter()
-            .all(|(name, w)| w.endpoints.is_some() || failing.contains_key(name));
+
+        if world.listed.is_none() {
+            return;
+        }
+        let complete = world
+            .services
+            .values()
+            .all(|w| w.admitted.is_some() || w.failing.is_some());
         if !complete {
             return;
         }
-        let catalog = Catalog::new(
-            services
+        // A service Consul failed to answer for since the start is not known yet.
+        let catalog = admit::catalog(
+            world
+                .services
                 .iter()
-                .map(|(name, w)| CatalogService {
-                    name: name.clone(),
-                    phase: w.phase,
-                    endpoints: w.endpoints.clone().unwrap_or_default(),
-                })
-                .collect(),
+                .filter_map(|(name, w)| Some((name.as_str(), w.phase, w.admitted.as_ref()?))),
         );
-        let first = self.status.borrow().synced_unix_ms == 0;
         let mut published = false;
         self.catalog.send_if_modified(|c| {
-            if **c == catalog && !first {
+            if c.as_deref() == Some(&catalog) {
                 return false;
             }
-            *c = Arc::new(catalog);
+            *c = Some(Arc::new(catalog));
             published = true;
             true
         });
@@ -231,62 +300,103 @@ impl ConsulWatch {
                 .send_modify(|s| s.synced_unix_ms = crate::status::unix_ms());
         }
     }
+
+    /// Everything left out now; new ones are logged and counted.
+    fn rejections(&self, world: &mut World) -> Vec<Rejected> {
+        let mut all: Vec<Rejected> = world
+            .listed
+            .iter()
+            .flat_map(|l| l.rejected.iter().cloned())
+            .chain(
+                world
+                    .services
+                    .values()
+                    .filter_map(|w| w.admitted.as_ref())
+                    .flat_map(|a| a.rejected.iter().cloned()),
+            )
+            .collect();
+        all.sort();
+        let now: BTreeSet<_> = all
+            .iter()
+            .map(|r| (r.service.clone(), r.instance.clone(), r.reason))
+            .collect();
+        for r in &all {
+            if world
+                .reported
+                .contains(&(r.service.clone(), r.instance.clone(), r.reason))
+            {
+                continue;
+            }
+            ::metrics::counter!(crate::metrics::CATALOG_REJECTED, "reason" => r.reason.as_str())
+                .increment(1);
+            let instance = r.instance.as_deref().unwrap_or("");
+            if r.reason == admit::Reason::NotAnAgent {
+                tracing::info!(service = %r.service, instance, reason = r.reason.as_str(),
+                    detail = %r.detail, "consul entry is not an agent; left out of the catalog");
+            } else {
+                tracing::warn!(service = %r.service, instance, reason = r.reason.as_str(),
+                    detail = %r.detail, "consul entry rejected; left out of the catalog");
+            }
+        }
+        world.reported = now;
+        all
+    }
 }
 
-async fn list(
-    client: ConsulClient,
-    index: u64,
+/// Follows one blocking query for as long as the receiver lives: waits while the probe finds
+/// Consul down, abandons a query in flight when it goes down, resets the index after a
+/// failure, and backs off (cut short when Consul comes back).
+async fn follow<T, F, Fut>(
     params: Params,
-    delay: Duration,
-) -> (
-    Result<super::client::Indexed<BTreeMap<String, Vec<String>>>, super::ConsulError>,
-    Duration,
-) {
-    tokio::time::sleep(delay).await;
-    let started = Instant::now();
-    let q = Query {
-        index,
-        wait: params.wait,
-    };
-    let res = client.catalog_services(q).await;
-    (res, started.elapsed())
-}
-
-async fn watch_health(
-    client: ConsulClient,
-    name: String,
-    params: Params,
-    tx: mpsc::Sender<Health>,
-) {
+    mut live: watch::Receiver<Liveness>,
+    mut query: F,
+    tx: mpsc::Sender<Event>,
+    wrap: impl Fn(Result<T, String>) -> Event,
+) where
+    F: FnMut(Query) -> Fut,
+    Fut: Future<Output = Result<Indexed<T>, ConsulError>>,
+{
     let mut index = 0;
     let mut backoff = Backoff::new(params.backoff_base, params.backoff_max);
     loop {
+        if live.wait_for(|l| l.up).await.is_err() {
+            return;
+        }
+        let recoveries = live.borrow().recoveries;
         let started = Instant::now();
         let q = Query {
             index,
             wait: params.wait,
         };
-        let (result, delay) = match client.healthy_instances(&name, q).await {
+        let result = tokio::select! {
+            r = query(q) => r,
+            down = live.wait_for(|l| !l.up) => match down {
+                Ok(l) => Err(ConsulError::Down(l.error.clone().unwrap_or_default())),
+                Err(_) => return,
+            },
+        };
+        let (event, delay) = match result {
             Ok(r) => {
                 backoff.reset();
                 let moved = r.index != index;
                 index = next_index(index, r.index);
-                let eps = r.value.iter().filter_map(|e| e.socket_addr()).collect();
                 (
-                    Ok(eps),
+                    wrap(Ok(r.value)),
                     pause(moved, started.elapsed(), params.min_interval),
                 )
             }
-            Err(e) => (Err(e.to_string()), backoff.next_delay()),
+            Err(e) => {
+                index = 0;
+                (wrap(Err(e.to_string())), backoff.next_delay())
+            }
         };
-        let health = Health {
-            name: name.clone(),
-            result,
-        };
-        if tx.send(health).await.is_err() {
+        if tx.send(event).await.is_err() {
             return;
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            back = live.wait_for(|l| l.recoveries != recoveries) => if back.is_err() { return },
+        }
     }
 }
 
@@ -318,13 +428,15 @@ mod tests {
     }
 
     #[test]
-    fn mesh_services_are_tagged() {
-        let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    fn a_blocking_query_is_abandoned_soon_after_its_wait() {
+        use super::super::client::blocking_limit;
         assert_eq!(
-            mesh_phase(&tags(&["mesh", "phase=critical"])),
-            Some(Phase::Critical)
+            blocking_limit(Duration::from_secs(60)),
+            Duration::from_secs(64) + Duration::from_millis(750)
         );
-        assert_eq!(mesh_phase(&tags(&["mesh"])), Some(Phase::Specialized));
-        assert_eq!(mesh_phase(&tags(&["phase=critical"])), None);
+        assert_eq!(
+            blocking_limit(Duration::from_secs(5)),
+            Duration::from_millis(6312) + Duration::from_micros(500)
+        );
     }
 }
