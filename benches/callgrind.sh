@@ -8,7 +8,8 @@
 # on, routing service `up` (default resilience) to an nginx on 127.0.0.1 serving a 100-byte
 # body; oha sends 2,000 warm-up then 10,000 requests over 32 connections. Prints total
 # instructions / 12,000 per binary, and each against the first. Needs valgrind, nginx and oha
-# (benches/run.sh installs the last two).
+# (benches/run.sh installs the last two). CALLGRIND_KEEP=DIR keeps each profile there as
+# callgrind.N.out, for callgrind_annotate.
 set -euo pipefail
 (($# >= 1)) || { echo "usage: $0 BIN [BIN...]" >&2; exit 2; }
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -54,6 +55,7 @@ pids+=($!)
 wait_port "$up"
 
 first=""
+n=0
 for bin in "$@"; do
     out="$(free_port)"
     admin="$(free_port)"
@@ -85,6 +87,10 @@ EOF
     kill -TERM "$pid"
     wait "$pid" || true
     total="$(grep -m1 '^summary:' "$tmp/cg.out" | awk '{print $2}')"
+    if [[ -n "${CALLGRIND_KEEP:-}" ]]; then
+        mkdir -p "$CALLGRIND_KEEP"
+        cp "$tmp/cg.out" "$CALLGRIND_KEEP/callgrind.$((n += 1)).out"
+    fi
     per=$((total / 12000))
     [[ -n "$first" ]] || first="$per"
     ratio="$(python3 -c "print(f'{$per / $first:.3f}')")"

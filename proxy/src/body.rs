@@ -4,9 +4,10 @@
 use crate::access_log::AccessRecord;
 use crate::idle::{IdleTimeout, IdleTimer};
 use crate::outbound::settle::Settle;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::pin::Pin;
@@ -57,8 +58,9 @@ impl std::fmt::Debug for OnEnd {
 enum Inner {
     Upstream(Incoming),
     Local(Full<Bytes>),
-    /// An upstream answer read whole before it was passed on: its data, then its trailers.
-    Whole(Option<Bytes>, Option<HeaderMap>),
+    /// An upstream answer read whole before it was passed on: its data, then its trailers
+    /// (boxed: rare, and inline they would double the size of every body).
+    Whole(Option<Bytes>, Option<Box<HeaderMap>>),
 }
 
 // === impl ProxyBody ===
@@ -80,10 +82,15 @@ impl ProxyBody {
         Self::new(Inner::Local(Full::new(Bytes::new())))
     }
 
-    /// An upstream answer that was read whole: `data`, then `trailers` if it had any.
-    pub fn whole(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        let data = (!data.is_empty()).then_some(data);
-        Self::new(Inner::Whole(data, trailers))
+    /// Reads the rest of the body (`len` bytes expected) into memory before anyone else sees
+    /// it: what ends with the upstream body (outcomes, the pooled connection) ends now, and
+    /// the data then goes out as one frame. An error is the upstream body's.
+    pub async fn read_whole(&mut self, len: usize) -> Result<(), BoxError> {
+        let (data, trailers) = read_frames(self, len).await?;
+        self.inner = Inner::Whole((!data.is_empty()).then_some(data), trailers.map(Box::new));
+        // Counted again as the caller reads it.
+        self.bytes = 0;
+        Ok(())
     }
 
     fn new(inner: Inner) -> Self {
@@ -202,7 +209,7 @@ impl Body for ProxyBody {
             }
             Inner::Whole(data, trailers) => match data.take() {
                 Some(d) => Some(Ok(Frame::data(d))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
             },
         };
         match &frame {
@@ -241,5 +248,76 @@ impl Drop for ProxyBody {
         {
             self.end(Some("client_reset"));
         }
+    }
+}
+
+/// Reads `body` to its end: its data (`len` bytes expected) and its trailers. By hand rather
+/// than `collect()`: nearly always the data is one frame, kept as it came without a copy.
+async fn read_frames<B>(body: &mut B, len: usize) -> Result<(Bytes, Option<HeaderMap>), B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        match frame?.into_data() {
+            Ok(chunk) => match (joined.as_mut(), first.take()) {
+                (Some(buf), _) => buf.extend_from_slice(&chunk),
+                (None, None) => first = Some(chunk),
+                (None, Some(head)) => {
+                    let mut buf = BytesMut::with_capacity(len.max(head.len() + chunk.len()));
+                    buf.extend_from_slice(&head);
+                    buf.extend_from_slice(&chunk);
+                    joined = Some(buf);
+                }
+            },
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    let data = joined.map(BytesMut::freeze).or(first).unwrap_or_default();
+    Ok((data, trailers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[tokio::test]
+    async fn a_body_read_whole_keeps_its_frames_in_order_and_its_trailers() {
+        use http_body_util::StreamBody;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(b"hel"))),
+            Ok(http_body::Frame::data(Bytes::from_static(b"lo "))),
+            Ok(http_body::Frame::data(Bytes::from_static(b"mesh"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let mut body = StreamBody::new(futures_util::stream::iter(frames));
+        let (data, t) = read_frames(&mut body, 10).await.unwrap();
+        assert_eq!(data, Bytes::from_static(b"hello mesh"));
+        assert_eq!(t.unwrap()["grpc-status"], "0");
+
+        // One frame is passed on as it came.
+        let one = Bytes::from_static(b"ok");
+        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> =
+            vec![Ok(http_body::Frame::data(one.clone()))];
+        let mut body = StreamBody::new(futures_util::stream::iter(frames));
+        let (data, t) = read_frames(&mut body, 2).await.unwrap();
+        assert_eq!(data.as_ptr(), one.as_ptr());
+        assert!(t.is_none());
+    }
+
+    #[test]
+    fn a_local_body_is_no_larger_than_an_upstream_one() {
+        // Every response moves a `ProxyBody` several times on its way out: a variant larger
+        // than the upstream body's would make each of those copies longer.
+        let tag = std::mem::size_of::<usize>();
+        assert!(
+            std::mem::size_of::<Inner>() <= std::mem::size_of::<Incoming>() + tag,
+            "Inner is {} bytes, Incoming {}",
+            std::mem::size_of::<Inner>(),
+            std::mem::size_of::<Incoming>()
+        );
     }
 }

@@ -23,7 +23,7 @@ use crate::outbound::replay::RequestBody;
 use crate::outbound::tee::Tee;
 use crate::state::Route;
 use budget::Budget;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderMap, HeaderName, Method, Request, Response};
 use http_body::Body;
@@ -197,10 +197,13 @@ where
                     req.extensions_mut().insert(TryDeadline(until));
                 }
                 let sent = async {
-                    match inner.ready().await?.call(req).await {
-                        Ok(rsp) => read_small(rsp, &p, &target).await,
-                        res => res,
+                    let mut res = inner.ready().await?.call(req).await;
+                    if let Ok(rsp) = res.as_mut() {
+                        if let Err(e) = read_small(rsp, &p, &target).await {
+                            res = Err(e);
+                        }
                     }
+                    res
                 };
                 let res = match (until, p.per_try_timeout) {
                     (Some(until), Some(t)) => tokio::time::timeout_at(until, sent)
@@ -367,58 +370,25 @@ fn should_retry(
 /// upstream_failed` rather than a broken answer. Streams, and answers of unknown or larger
 /// length, go to the caller frame by frame as they come.
 async fn read_small(
-    rsp: Response<ProxyBody>,
+    rsp: &mut Response<ProxyBody>,
     p: &Params,
     target: &str,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Result<(), ProxyError> {
     let len = match rsp.body().size_hint().exact() {
         Some(n) if n > 0 && n <= p.max_body_bytes => n as usize,
-        _ => return Ok(rsp),
+        _ => return Ok(()),
     };
     // A status that is retried anyway is dropped unread.
     if p.statuses.contains(rsp.status().as_u16()) {
-        return Ok(rsp);
+        return Ok(());
     }
-    let (parts, mut body) = rsp.into_parts();
-    let (data, trailers) =
-        read_whole(&mut body, len)
-            .await
-            .map_err(|e| ProxyError::UpstreamFailed {
-                target: target.to_owned(),
-                reason: format!("response body: {e}"),
-            })?;
-    Ok(Response::from_parts(
-        parts,
-        ProxyBody::whole(data, trailers),
-    ))
-}
-
-/// Reads `body` to its end: its data (`len` bytes expected) and its trailers. By hand rather
-/// than `collect()`: nearly always the data is one frame, kept as it came without a copy.
-async fn read_whole<B>(body: &mut B, len: usize) -> Result<(Bytes, Option<HeaderMap>), B::Error>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<BytesMut> = None;
-    let mut trailers = None;
-    while let Some(frame) = body.frame().await {
-        match frame?.into_data() {
-            Ok(chunk) => match (joined.as_mut(), first.take()) {
-                (Some(buf), _) => buf.extend_from_slice(&chunk),
-                (None, None) => first = Some(chunk),
-                (None, Some(head)) => {
-                    let mut buf = BytesMut::with_capacity(len.max(head.len() + chunk.len()));
-                    buf.extend_from_slice(&head);
-                    buf.extend_from_slice(&chunk);
-                    joined = Some(buf);
-                }
-            },
-            Err(frame) => trailers = frame.into_trailers().ok(),
-        }
-    }
-    let data = joined.map(BytesMut::freeze).or(first).unwrap_or_default();
-    Ok((data, trailers))
+    rsp.body_mut()
+        .read_whole(len)
+        .await
+        .map_err(|e| ProxyError::UpstreamFailed {
+            target: target.to_owned(),
+            reason: format!("response body: {e}"),
+        })
 }
 
 /// The attempt failed before any of the request was sent (connect refused, or turned away
@@ -488,32 +458,6 @@ mod tests {
             reason: "reset".into(),
         });
         assert!(!should_retry(&reset, false, &s));
-    }
-
-    #[tokio::test]
-    async fn a_body_read_whole_keeps_its_frames_in_order_and_its_trailers() {
-        use http_body_util::StreamBody;
-        let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = vec![
-            Ok(http_body::Frame::data(Bytes::from_static(b"hel"))),
-            Ok(http_body::Frame::data(Bytes::from_static(b"lo "))),
-            Ok(http_body::Frame::data(Bytes::from_static(b"mesh"))),
-            Ok(http_body::Frame::trailers(trailers)),
-        ];
-        let mut body = StreamBody::new(futures_util::stream::iter(frames));
-        let (data, t) = read_whole(&mut body, 10).await.unwrap();
-        assert_eq!(data, Bytes::from_static(b"hello mesh"));
-        assert_eq!(t.unwrap()["grpc-status"], "0");
-
-        // One frame is passed on as it came.
-        let one = Bytes::from_static(b"ok");
-        let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> =
-            vec![Ok(http_body::Frame::data(one.clone()))];
-        let mut body = StreamBody::new(futures_util::stream::iter(frames));
-        let (data, t) = read_whole(&mut body, 2).await.unwrap();
-        assert_eq!(data.as_ptr(), one.as_ptr());
-        assert!(t.is_none());
     }
 
     #[test]
