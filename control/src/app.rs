@@ -39,6 +39,20 @@ pub struct Config {
     pub max_catalog_drop_percent: u8,
     /// Bearer token for `POST /v1/catalog/confirm`; without one the call is refused.
     pub confirm_token: Option<String>,
+    /// The mesh CA; `None` signs no certificates.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// The control process as the mesh's certificate authority.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    pub ca: crate::identity::ca::CaSource,
+    /// The SPIFFE trust domain: certificates name `spiffe://<trust_domain>/agent/<name>`.
+    pub trust_domain: String,
+    /// How long a sidecar's certificate is valid; sidecars renew at two thirds of it.
+    pub lifetime: Duration,
+    /// The per-agent bootstrap tokens file (see [`crate::identity::tokens`]).
+    pub tokens: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +63,8 @@ pub enum StartError {
     Catalog(#[from] LoadError),
     #[error("{0}")]
     Consul(#[from] ConsulError),
+    #[error("mesh CA: {0}")]
+    Identity(#[from] crate::identity::ca::CaError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -71,6 +87,13 @@ pub struct Running {
 /// current runtime.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let prometheus = crate::metrics::install();
+    let identity = match &cfg.identity {
+        Some(id) => Some(Arc::new(crate::identity::Identity {
+            ca: crate::identity::ca::Ca::load(&id.ca, &id.trust_domain, id.lifetime)?,
+            tokens: id.tokens.clone(),
+        })),
+        None => None,
+    };
     let dir = cfg.policy_dir.clone();
     let files = policy::read_dir(&dir).map_err(|e| PolicyErrors(vec![e]))?;
     let initial_policy = policy::load_dir(&dir)?;
@@ -177,6 +200,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             token: cfg.confirm_token.clone(),
             guard: confirm_tx,
         },
+        identity,
     };
     tokio::spawn(push.serve(listener, stopped));
     tracing::info!(%addr, source = source_name, policy = %cfg.policy_dir.display(), "control ready");

@@ -14,13 +14,14 @@ pub mod catalog_file;
 pub mod compliance;
 pub mod consul;
 pub mod guard;
+pub mod identity;
 pub mod metrics;
 pub mod policy_watch;
 pub mod push;
 pub mod snapshots;
 pub mod status;
 
-pub use app::{start, Config, Running, Source, StartError};
+pub use app::{start, Config, IdentityConfig, Running, Source, StartError};
 
 /// Resolves once a stop flag is set (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {

@@ -11,12 +11,19 @@ const USAGE: &str = "usage:
   mesh-control [run] [--listen ADDR] [--policy DIR] [--consul HOST:PORT | --catalog FILE]
                      [--poll DURATION] [--max-catalog-drop PERCENT] [--admit-warning]
                      [--log LEVEL]
+                     [--agent-tokens FILE (--state-dir DIR | --ca-cert FILE --ca-key FILE)
+                      [--trust-domain NAME] [--cert-lifetime DURATION]]
       Serves snapshots to sidecars. Defaults: --listen 127.0.0.1:15100, --policy config/mesh,
       --catalog config/local/catalog.toml, --poll 1s, --max-catalog-drop 50.
       A catalog losing more than PERCENT of its services or endpoints at once (or all of
       them) is held back until it recovers or an operator confirms it with
       POST /v1/catalog/confirm and `Authorization: Bearer $MESH_CONTROL_TOKEN`;
       100 never holds. --admit-warning routes Consul instances whose checks warn.
+      With --agent-tokens (a TOML file of agent = \"token\"), the process is the mesh's CA:
+      it signs sidecars' CSRs (POST /v1/certificate) into certificates naming
+      spiffe://NAME/agent/AGENT (--trust-domain, default mesh) valid for --cert-lifetime
+      (default 12h). Its key is kept in --state-dir (made on first start) or read from
+      --ca-cert/--ca-key.
   mesh-control validate DIR
       Checks the policy files in DIR; prints every error as file:line: reason; exits 1 on error.
   mesh-control compliance [--status-url URL] [--timeout DURATION]
@@ -160,8 +167,12 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
         confirm_token: std::env::var("MESH_CONTROL_TOKEN")
             .ok()
             .filter(|t| !t.is_empty()),
+        identity: None,
     };
     let mut admit_warning = false;
+    let (mut tokens, mut state_dir, mut ca_cert, mut ca_key) = (None, None, None, None);
+    let mut trust_domain = "mesh".to_owned();
+    let mut lifetime = Duration::from_secs(12 * 3600);
     let mut level = "info".to_owned();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -198,10 +209,57 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
                     .ok_or_else(|| format!("--max-catalog-drop: {v:?} is not 0 to 100"))?;
             }
             "--admit-warning" => admit_warning = true,
+            "--agent-tokens" => tokens = Some(PathBuf::from(value()?)),
+            "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
+            "--ca-cert" => ca_cert = Some(PathBuf::from(value()?)),
+            "--ca-key" => ca_key = Some(PathBuf::from(value()?)),
+            "--trust-domain" => {
+                let v = value()?;
+                let valid = !v.is_empty()
+                    && v.len() <= 253
+                    && v.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    });
+                if !valid {
+                    return Err(format!(
+                        "--trust-domain: {v:?} is not a trust domain (lower-case letters, digits, '-', '.')"
+                    ));
+                }
+                trust_domain = v;
+            }
+            "--cert-lifetime" => {
+                let v = value()?;
+                lifetime = humantime::parse_duration(&v)
+                    .ok()
+                    .filter(|d| *d >= Duration::from_secs(1))
+                    .ok_or_else(|| {
+                        format!("--cert-lifetime: {v:?} is not a duration of 1s or more")
+                    })?;
+            }
             "--log" => level = value()?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    use mesh_control::identity::ca::CaSource;
+    let ca = match (state_dir, ca_cert, ca_key) {
+        (None, None, None) => None,
+        (Some(dir), None, None) => Some(CaSource::StateDir(dir)),
+        (None, Some(cert), Some(key)) => Some(CaSource::Files { cert, key }),
+        _ => return Err("give either --state-dir or both --ca-cert and --ca-key".into()),
+    };
+    cfg.identity = match (tokens, ca) {
+        (None, None) => None,
+        (Some(tokens), Some(ca)) => Some(mesh_control::IdentityConfig {
+            ca,
+            trust_domain,
+            lifetime,
+            tokens,
+        }),
+        (None, Some(_)) => return Err("a CA needs --agent-tokens to know who may ask".into()),
+        (Some(_), None) => {
+            return Err("--agent-tokens needs --state-dir or --ca-cert/--ca-key".into())
+        }
+    };
     if let Source::Consul { params, .. } = &mut cfg.source {
         params.health.admit_warning = admit_warning;
     }

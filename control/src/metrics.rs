@@ -24,6 +24,8 @@ pub const BUDGET_MEMORY: &str = "mesh_control_budget_memory_bytes";
 pub const BUDGET_SCALE: &str = "mesh_control_budget_scale";
 pub const BUDGET_OVERSUBSCRIBED: &str = "mesh_control_budget_oversubscribed";
 pub const BUDGET_OLLAMA_RATE: &str = "mesh_control_budget_ollama_rate";
+pub const IDENTITY_ISSUED: &str = "mesh_control_identity_issued_total";
+pub const IDENTITY_REFUSED: &str = "mesh_control_identity_refused_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -48,6 +50,10 @@ fn register_at_zero() {
     metrics::counter!(SNAPSHOT_INVALID).increment(0);
     metrics::counter!(CONSUL_ERRORS).increment(0);
     metrics::gauge!(CATALOG_HELD).set(0.0);
+    metrics::counter!(IDENTITY_ISSUED).increment(0);
+    for reason in crate::identity::REFUSAL_REASONS {
+        metrics::counter!(IDENTITY_REFUSED, "reason" => reason).increment(0);
+    }
 }
 
 fn describe() {
@@ -73,6 +79,11 @@ fn describe() {
     describe_counter!(
         CATALOG_FILE_REJECTIONS,
         "Catalog file edits rejected as invalid."
+    );
+    describe_counter!(IDENTITY_ISSUED, "Certificates the mesh CA signed.");
+    describe_counter!(
+        IDENTITY_REFUSED,
+        "Certificate requests refused, by reason (no_token, wrong_token, bad_request, bad_csr)."
     );
     describe_counter!(POLICY_APPLIED, "Policy edits applied.");
     describe_counter!(POLICY_REJECTIONS, "Policy edits rejected as invalid.");

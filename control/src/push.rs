@@ -6,6 +6,7 @@
 //! sidecar's admin listener is and what it fronts, for `/status` and the compliance check.
 //! `POST /v1/ack` takes `{"agent", "version", "rejected"?}`. `POST /v1/catalog/confirm` with
 //! `Authorization: Bearer <MESH_CONTROL_TOKEN>` publishes a catalog the guard holds back.
+//! `POST /v1/certificate` signs a sidecar's CSR (see [`crate::identity`]).
 
 use crate::guard::Confirm;
 use crate::snapshots::Generation;
@@ -37,6 +38,8 @@ pub struct Push {
     pub status: Status,
     pub prometheus: &'static PrometheusHandle,
     pub confirm: Confirmer,
+    /// The mesh CA; `None` when identity is off.
+    pub identity: Option<Arc<crate::identity::Identity>>,
 }
 
 /// `POST /v1/catalog/confirm`: an operator publishes a catalog the guard holds back.
@@ -108,6 +111,10 @@ impl Push {
             },
             (&Method::POST, "/v1/ack") => self.ack(req).await,
             (&Method::POST, "/v1/catalog/confirm") => self.confirm.call(req.headers()).await,
+            (&Method::POST, "/v1/certificate") => match &self.identity {
+                Some(identity) => identity.certificate(req).await,
+                None => error(StatusCode::NOT_FOUND, "mesh identity is off"),
+            },
             (&Method::GET, "/status") => json(StatusCode::OK, self.status.render().to_string()),
             (&Method::GET, "/health") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
             (&Method::GET, "/metrics") => {
@@ -123,6 +130,7 @@ impl Push {
                 "/v1/snapshot"
                 | "/v1/ack"
                 | "/v1/catalog/confirm"
+                | "/v1/certificate"
                 | "/status"
                 | "/health"
                 | "/metrics",
@@ -309,7 +317,7 @@ fn parse_poll(query: &str) -> Result<Poll, String> {
     Ok(poll)
 }
 
-fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut rsp = Response::new(Full::new(Bytes::from(body)));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
@@ -319,7 +327,7 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     rsp
 }
 
-fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     json(status, serde_json::json!({ "error": reason }).to_string())
 }
 

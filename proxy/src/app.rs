@@ -47,6 +47,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     registration: Option<Arc<crate::consul_register::Registration>>,
     upstreams: Vec<(String, SocketAddr)>,
+    identity: Arc<crate::identity::Identity>,
 }
 
 /// Binds every listener, then serves in tasks on the current runtime.
@@ -151,6 +152,16 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     }
     drop(watch);
 
+    let identity = crate::identity::Identity::new();
+    if let (Some(control), Some(id)) = (&boot.control, &boot.identity) {
+        let renewer = crate::identity::renew::Renewer::new(
+            control.address,
+            &boot.agent,
+            id.clone(),
+            identity.clone(),
+        );
+        tokio::spawn(renewer.run(stopped.clone()));
+    }
     if let Some(control) = &boot.control {
         let client = crate::control_client::ControlClient::new(
             control.clone(),
@@ -221,6 +232,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         stop,
         registration,
         upstreams,
+        identity,
     })
 }
 
@@ -242,6 +254,11 @@ impl Running {
     /// Where each upstream port listens: (service, address), in bootstrap order.
     pub fn upstreams(&self) -> &[(String, SocketAddr)] {
         &self.upstreams
+    }
+
+    /// This sidecar's certificate in force (none without `[identity]`, or until the first).
+    pub fn identity(&self) -> &Arc<crate::identity::Identity> {
+        &self.identity
     }
 
     pub fn state(&self) -> &Arc<State> {

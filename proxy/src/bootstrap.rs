@@ -37,6 +37,9 @@ pub struct Bootstrap {
     /// Registers the agent in Consul on start and deregisters it on shutdown.
     #[serde(default)]
     pub consul: Option<ConsulRegistration>,
+    /// Mesh identity: a certificate from the control process's CA; needs `[control]`.
+    #[serde(default)]
+    pub identity: Option<IdentityBootstrap>,
     /// `[[upstreams]]`: local ports that each stand for one target, whatever the Host.
     #[serde(default)]
     pub upstreams: Vec<UpstreamPort>,
@@ -71,6 +74,18 @@ pub struct Control {
 }
 
 /// `[consul]`: the local Consul agent's HTTP API.
+/// `[identity]`: how this sidecar proves who it is to the mesh CA.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityBootstrap {
+    /// File holding this agent's bootstrap token (a compose secret in deployment); read at
+    /// every renewal, never logged.
+    pub token_file: PathBuf,
+    /// The mesh's SPIFFE trust domain: this sidecar is `spiffe://<trust_domain>/agent/<agent>`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulRegistration {
@@ -248,6 +263,9 @@ impl Bootstrap {
                 return fail("control.wait and control.max_backoff: must be greater than zero");
             }
         }
+        if self.identity.is_some() && self.control.is_none() {
+            return fail("identity: needs [control], whose CA signs the certificate");
+        }
         if self.snapshot.poll_interval.is_zero() {
             return fail("snapshot.poll_interval: must be greater than zero");
         }
@@ -285,6 +303,10 @@ impl Bootstrap {
 }
 
 // === defaults ===
+
+fn default_trust_domain() -> String {
+    "mesh".into()
+}
 
 impl Default for Inbound {
     fn default() -> Self {

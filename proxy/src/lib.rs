@@ -14,6 +14,7 @@ pub mod errors;
 pub mod grpc;
 pub mod health;
 pub mod host;
+pub mod identity;
 pub mod idle;
 pub mod inbound;
 pub mod log;

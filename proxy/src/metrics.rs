@@ -34,6 +34,8 @@ pub const OLLAMA_SLOTS_BUSY: &str = "agent_ollama_slots_busy";
 pub const OLLAMA_SLOT_BUSY: &str = "agent_ollama_slot_busy_microseconds_total";
 pub const OLLAMA_BREAKER_OPEN: &str = "agent_ollama_breaker_open";
 pub const OLLAMA_RATE_LIMITED: &str = "agent_ollama_rate_limited_total";
+pub const IDENTITY_EXPIRY: &str = "agent_identity_expiry_timestamp_seconds";
+pub const IDENTITY_RENEWALS: &str = "agent_identity_renewals_total";
 
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -192,6 +194,15 @@ fn describe() {
     describe_counter!(
         OLLAMA_RATE_LIMITED,
         "Calls to Ollama refused at the caller's sidecar by its rate limit."
+    );
+    describe_gauge!(
+        IDENTITY_EXPIRY,
+        Unit::Seconds,
+        "Unix time the sidecar's certificate in force expires."
+    );
+    describe_counter!(
+        IDENTITY_RENEWALS,
+        "Certificate requests to the mesh CA, by result (ok, error)."
     );
 }
 

@@ -25,6 +25,7 @@ pub struct Builder {
     policy: Vec<(String, String)>,
     max_catalog_drop_percent: u8,
     confirm_token: Option<String>,
+    identity: Option<(Vec<(String, String)>, Duration)>,
 }
 
 pub struct TestControl {
@@ -41,6 +42,7 @@ pub fn builder() -> Builder {
         policy: Vec::new(),
         max_catalog_drop_percent: mesh_control::guard::DEFAULT_MAX_DROP_PERCENT,
         confirm_token: None,
+        identity: None,
     }
 }
 
@@ -89,6 +91,18 @@ impl Builder {
         self
     }
 
+    /// Makes the control process the mesh CA (trust domain `mesh`, CA kept in its temporary
+    /// state directory) for agents with these bootstrap tokens, signing certificates valid
+    /// for `lifetime`.
+    pub fn identity(mut self, tokens: &[(&str, &str)], lifetime: Duration) -> Self {
+        let tokens = tokens
+            .iter()
+            .map(|(a, t)| ((*a).to_owned(), (*t).to_owned()))
+            .collect();
+        self.identity = Some((tokens, lifetime));
+        self
+    }
+
     /// Adds or replaces a policy file (by name) in the copied policy directory.
     pub fn policy_file(mut self, name: &str, text: &str) -> Self {
         self.policy.push((name.to_owned(), text.to_owned()));
@@ -126,6 +140,20 @@ impl Builder {
                 Source::File(path)
             }
         };
+        let identity = self.identity.map(|(tokens, lifetime)| {
+            let path = dir.path().join("agent-tokens.toml");
+            let text: String = tokens
+                .iter()
+                .map(|(a, t)| format!("{a} = {t:?}\n"))
+                .collect();
+            std::fs::write(&path, text).expect("write the tokens file");
+            mesh_control::IdentityConfig {
+                ca: mesh_control::identity::ca::CaSource::StateDir(dir.path().join("state")),
+                trust_domain: "mesh".into(),
+                lifetime,
+                tokens: path,
+            }
+        });
         let cfg = Config {
             listen: "127.0.0.1:0".parse().expect("an address"),
             policy_dir,
@@ -133,6 +161,7 @@ impl Builder {
             poll_interval: Duration::from_millis(20),
             max_catalog_drop_percent: self.max_catalog_drop_percent,
             confirm_token: self.confirm_token,
+            identity,
         };
         let running = bounded("mesh_control::start", mesh_control::start(cfg.clone()))
             .await
@@ -173,6 +202,16 @@ impl TestControl {
             out.push_str(&format!("persist = {:?}\n", p.display().to_string()));
         }
         out
+    }
+
+    /// The mesh CA's certificate (PEM), once `identity` made one.
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/ca.pem")).expect("the CA certificate")
+    }
+
+    /// The bootstrap tokens file, for edits (read at every certificate request).
+    pub fn tokens_path(&self) -> PathBuf {
+        self.dir.path().join("agent-tokens.toml")
     }
 
     pub fn policy_dir(&self) -> PathBuf {

@@ -1,0 +1,236 @@
+//! Gets this sidecar's certificate from the control process and keeps it fresh.
+//!
+//! Each round makes a new key, sends a CSR with the agent's bootstrap token
+//! (`POST /v1/certificate`), and installs the answer. The next round starts at two thirds of
+//! the certificate's lifetime, leaving a third for retries: while the control process is away
+//! the sidecar keeps serving on the certificate in force, retrying with backoff, and every
+//! failure logs the time the certificate has left.
+
+use super::credentials::{spiffe_id, Credentials};
+use super::Identity;
+use crate::bootstrap::IdentityBootstrap;
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use mesh_config::backoff::Backoff;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// Longest answer read from the CA.
+const MAX_BODY: usize = 64 * 1024;
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    #[error("cannot read the bootstrap token {path}: {source}")]
+    Token {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make a key or CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    #[error("control {addr}: {reason}")]
+    Transport { addr: SocketAddr, reason: String },
+    #[error("control {addr} refused the CSR: {status} {body}")]
+    Refused {
+        addr: SocketAddr,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("control {addr}: the answer is not a certificate: {reason}")]
+    Answer { addr: SocketAddr, reason: String },
+    #[error(transparent)]
+    Credentials(#[from] super::credentials::CredentialsError),
+}
+
+#[derive(serde::Deserialize)]
+struct Answer {
+    certificate: String,
+    ca: String,
+    spiffe_id: String,
+    not_after_unix_ms: u64,
+}
+
+pub struct Renewer {
+    control: SocketAddr,
+    agent: String,
+    cfg: IdentityBootstrap,
+    identity: Arc<Identity>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// When to start renewing a certificate received at `received` that expires at `not_after`:
+/// after two thirds of the lifetime it had on arrival.
+pub fn renew_after(received: SystemTime, not_after: SystemTime) -> Duration {
+    not_after.duration_since(received).unwrap_or_default() * 2 / 3
+}
+
+// === impl Renewer ===
+
+impl Renewer {
+    pub fn new(
+        control: SocketAddr,
+        agent: &str,
+        cfg: IdentityBootstrap,
+        identity: Arc<Identity>,
+    ) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(1)
+            .build(connector);
+        Self {
+            control,
+            agent: agent.to_owned(),
+            cfg,
+            identity,
+            http,
+        }
+    }
+
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            let wait = match self.renew_once().await {
+                Ok(creds) => {
+                    backoff.reset();
+                    let after = renew_after(creds.received, creds.not_after);
+                    tracing::info!(spiffe_id = %creds.spiffe_id,
+                        valid_s = creds.time_left().as_secs(),
+                        renew_in_s = after.as_secs(), "certificate installed");
+                    ::metrics::counter!(crate::metrics::IDENTITY_RENEWALS, "result" => "ok")
+                        .increment(1);
+                    self.identity.install(creds);
+                    after
+                }
+                Err(e) => {
+                    ::metrics::counter!(crate::metrics::IDENTITY_RENEWALS, "result" => "error")
+                        .increment(1);
+                    match self.identity.current() {
+                        Some(c) if !c.time_left().is_zero() => {
+                            tracing::warn!(error = %e, time_left_s = c.time_left().as_secs(),
+                                "cannot renew the certificate; serving on the current one")
+                        }
+                        Some(_) => tracing::error!(error = %e,
+                            "cannot renew the certificate and the current one has expired"),
+                        None => tracing::warn!(error = %e, "cannot get a certificate yet"),
+                    }
+                    backoff.next_delay()
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = crate::drain::stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    async fn renew_once(&self) -> Result<Credentials, RenewError> {
+        let token = tokio::fs::read_to_string(&self.cfg.token_file)
+            .await
+            .map_err(|source| RenewError::Token {
+                path: self.cfg.token_file.display().to_string(),
+                source,
+            })?;
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)?
+            .pem()?;
+        let body = serde_json::json!({ "agent": self.agent, "csr": csr }).to_string();
+        let answer = self.exchange(token.trim(), body).await?;
+        let not_after = UNIX_EPOCH + Duration::from_millis(answer.not_after_unix_ms);
+        let want = spiffe_id(&self.cfg.trust_domain, &self.agent);
+        Ok(Credentials::new(
+            key.serialize_der(),
+            &answer.certificate,
+            &answer.ca,
+            &answer.spiffe_id,
+            &want,
+            not_after,
+        )?)
+    }
+
+    async fn exchange(&self, token: &str, body: String) -> Result<Answer, RenewError> {
+        let addr = self.control;
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(addr.to_string())
+            .path_and_query("/v1/certificate")
+            .build()
+            .expect("an address and a fixed path make a URI");
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| RenewError::Transport {
+                addr,
+                reason: format!("the token is not a valid header value: {e}"),
+            })?;
+        let exchange = async {
+            let rsp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| RenewError::Transport {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+            let status = rsp.status();
+            let body = Limited::new(rsp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| RenewError::Transport {
+                    addr,
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            if status != StatusCode::OK {
+                return Err(RenewError::Refused {
+                    addr,
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            serde_json::from_slice::<Answer>(&body).map_err(|e| RenewError::Answer {
+                addr,
+                reason: e.to_string(),
+            })
+        };
+        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RenewError::Transport {
+                    addr,
+                    reason: format!("no answer within {EXCHANGE_TIMEOUT:?}"),
+                })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_starts_at_two_thirds_of_the_lifetime() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(
+            renew_after(t0, t0 + Duration::from_secs(3 * 3600)),
+            Duration::from_secs(2 * 3600)
+        );
+        assert_eq!(
+            renew_after(t0, t0 + Duration::from_secs(3)),
+            Duration::from_secs(2)
+        );
+        // Received already expired (a clock far ahead): renew at once.
+        assert_eq!(renew_after(t0, t0 - Duration::from_secs(1)), Duration::ZERO);
+    }
+}
