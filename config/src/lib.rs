@@ -1,9 +1,11 @@
 //! The mesh model: what a sidecar knows about the world (services, endpoints, routes and the
 //! policies that apply to them) and how operators' TOML files become that model.
 
+pub mod authz;
 pub mod backoff;
 pub mod budget;
 pub mod catalog;
+pub mod identity;
 pub mod load;
 pub mod ollama;
 pub mod phase;

@@ -58,6 +58,10 @@ pub struct Policy {
     pub targets: BTreeMap<String, TargetPolicy>,
     pub routes: Vec<RouteRule>,
     pub trace: Option<Trace>,
+    /// The mesh's mutual-TLS mode (`[identity]`).
+    pub identity: crate::identity::MeshIdentity,
+    /// Who may call whom (`[authorization]`).
+    pub authorization: Option<crate::authz::Authorization>,
     pub budget: BudgetModel,
     /// The Ollama gateway, caller rates and per-agent limits (`[ollama]`).
     pub ollama: OllamaPolicy,
@@ -71,6 +75,8 @@ struct PolicyFile {
     targets: Option<BTreeMap<String, TargetPolicy>>,
     routes: Option<Vec<RouteRule>>,
     trace: Option<Trace>,
+    identity: Option<crate::identity::MeshIdentity>,
+    authorization: Option<crate::authz::Authorization>,
     host: Option<HostModel>,
     pools: Option<BTreeMap<String, Pool>>,
     phases: Option<BTreeMap<Phase, PhaseLimits>>,
@@ -197,6 +203,8 @@ impl Policy {
             routes,
             budget: None,
             trace: self.trace,
+            identity: self.identity,
+            authorization: self.authorization.clone(),
             ollama: self.ollama.clone(),
         };
         (snap, skipped)
@@ -208,6 +216,9 @@ impl Policy {
         for (name, t) in &self.targets {
             check_name(name).map_err(|r| invalid(vec![Key("targets"), Name(name.clone())], r))?;
             t.validate(|k| vec![Key("targets"), Name(name.clone()), Key(k)])?;
+        }
+        if let Some(a) = &self.authorization {
+            a.validate()?;
         }
         if let Some(t) = &self.trace {
             if !(0.0..=1.0).contains(&t.sampling) {
@@ -323,6 +334,16 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
         if let Some(v) = file.routes {
             if claim("routes") {
                 policy.routes = v;
+            }
+        }
+        if let Some(v) = file.authorization {
+            if claim("authorization") {
+                policy.authorization = Some(v);
+            }
+        }
+        if let Some(v) = file.identity {
+            if claim("identity") {
+                policy.identity = v;
             }
         }
         if let Some(v) = file.trace {

@@ -1,7 +1,9 @@
 //! The dynamic configuration a sidecar runs with: services, their endpoints, route rules and
 //! defaults. A snapshot is immutable once built and is replaced as a whole.
 
+use crate::authz::Authorization;
 use crate::budget::AgentBudget;
+use crate::identity::MeshIdentity;
 use crate::ollama::OllamaPolicy;
 use crate::policy::Trace;
 use crate::resilience::Resilience;
@@ -37,6 +39,12 @@ pub struct Snapshot {
     pub trace: Option<Trace>,
     #[serde(default)]
     pub ollama: OllamaPolicy,
+    /// The mesh's mutual-TLS mode.
+    #[serde(default, skip_serializing_if = "MeshIdentity::is_default")]
+    pub identity: MeshIdentity,
+    /// Who may call whom; `None` allows every call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authorization: Option<Authorization>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -210,6 +218,9 @@ impl Snapshot {
                 vec![Key("trace"), Key("sampling")],
                 "must be in [0, 1]",
             ));
+        }
+        if let Some(a) = &self.authorization {
+            a.validate()?;
         }
         let mut names = HashSet::with_capacity(self.services.len());
         for (i, svc) in self.services.iter().enumerate() {

@@ -103,7 +103,18 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
 
     let (drain, watch) = Drain::new();
     let (stop, stopped) = watch::channel(false);
-    let pools = Arc::new(Pools::new(&boot.upstream));
+    let trust_domain = boot
+        .identity
+        .as_ref()
+        .map_or("mesh", |i| i.trust_domain.as_str());
+    let identity = crate::identity::Identity::new(trust_domain);
+    // Only a sidecar with `[identity]` answers or dials mutual TLS.
+    let tls = boot.identity.is_some().then(|| identity.clone());
+    let pools = match &tls {
+        Some(id) => Pools::new(&boot.upstream).with_identity(id.clone()),
+        None => Pools::new(&boot.upstream),
+    };
+    let pools = Arc::new(pools);
     let builder = server_builder(&boot.limits);
     let detect_timeout = boot.limits.header_read_timeout;
 
@@ -113,6 +124,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         builder: builder.clone(),
         service: outbound::stack(&boot, state.clone(), pools.clone()),
         detect_timeout,
+        tls: None,
     };
     tokio::spawn(outbound.run(watch.clone()));
     for (service, listener) in upstream_ls {
@@ -122,6 +134,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             builder: builder.clone(),
             service: outbound::upstream_stack(&boot, &service, state.clone(), pools.clone()),
             detect_timeout,
+            tls: None,
         };
         tokio::spawn(upstream.run(watch.clone()));
     }
@@ -138,8 +151,16 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             name: "inbound",
             listener,
             builder: builder.clone(),
-            service: inbound::stack_with(&boot, &state, pools.clone(), limit.clone()),
+            service: inbound::caller::CallerIdentity::new(
+                inbound::authz::Authorize::new(
+                    inbound::stack_with(&boot, &state, pools.clone(), limit.clone()),
+                    state.clone(),
+                    &boot.agent,
+                ),
+                identity.clone(),
+            ),
             detect_timeout,
+            tls: tls.clone(),
         };
         tokio::spawn(inbound.run(watch.clone()));
         let probe = Arc::new(AppProbe::default());
@@ -152,7 +173,9 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     }
     drop(watch);
 
-    let identity = crate::identity::Identity::new();
+    if tls.is_some() {
+        tokio::spawn(identity.clone().follow_mode(state.clone(), stopped.clone()));
+    }
     if let (Some(control), Some(id)) = (&boot.control, &boot.identity) {
         let renewer = crate::identity::renew::Renewer::new(
             control.address,

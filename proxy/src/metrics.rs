@@ -36,6 +36,10 @@ pub const OLLAMA_BREAKER_OPEN: &str = "agent_ollama_breaker_open";
 pub const OLLAMA_RATE_LIMITED: &str = "agent_ollama_rate_limited_total";
 pub const IDENTITY_EXPIRY: &str = "agent_identity_expiry_timestamp_seconds";
 pub const IDENTITY_RENEWALS: &str = "agent_identity_renewals_total";
+pub const TLS_HANDSHAKES: &str = "agent_tls_handshakes_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "agent_tls_handshake_failures_total";
+pub const INBOUND_PLAINTEXT: &str = "agent_inbound_plaintext_requests_total";
+pub const AUTHZ_DENIED: &str = "agent_authz_denied_total";
 
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -112,6 +116,9 @@ fn register_at_zero() {
     metrics::counter!(SNAPSHOT_REJECTIONS).increment(0);
     for kind in PROTOCOL_ERROR_KINDS {
         metrics::counter!(PROTOCOL_ERRORS, "kind" => kind).increment(0);
+    }
+    for reason in crate::identity::tls::FAILURE_REASONS {
+        metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(0);
     }
 }
 
@@ -199,6 +206,22 @@ fn describe() {
         IDENTITY_EXPIRY,
         Unit::Seconds,
         "Unix time the sidecar's certificate in force expires."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "Mutual-TLS handshakes begun, by side (server: inbound, client: to peers)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "Inbound TLS connections refused, by reason (no_certificate, unknown_ca, expired, bad_certificate, not_a_mesh_agent, other)."
+    );
+    describe_counter!(
+        AUTHZ_DENIED,
+        "Inbound calls refused by the authorization policy, by target and caller ((unknown) for a name the snapshot does not know)."
+    );
+    describe_counter!(
+        INBOUND_PLAINTEXT,
+        "Inbound requests without mutual TLS while the mesh is permissive or strict, by result (accepted, refused)."
     );
     describe_counter!(
         IDENTITY_RENEWALS,

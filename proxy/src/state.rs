@@ -159,7 +159,7 @@ impl Compiler {
                             let breaker = policies
                                 .endpoint_breaker
                                 .map(|p| Breaker::new(p, &svc.name, &addr.to_string()));
-                            Arc::new(Endpoint::with_breaker(*addr, breaker))
+                            Arc::new(Endpoint::with_breaker(*addr, breaker).for_peer(name.clone()))
                         });
                     live.insert(key, ep.clone());
                     ep

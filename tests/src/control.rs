@@ -209,6 +209,11 @@ impl TestControl {
         std::fs::read_to_string(self.dir.path().join("state/ca.pem")).expect("the CA certificate")
     }
 
+    /// The mesh CA's key (PEM), for tests that sign certificates of their own with it.
+    pub fn ca_key_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("state/ca-key.pem")).expect("the CA key")
+    }
+
     /// The bootstrap tokens file, for edits (read at every certificate request).
     pub fn tokens_path(&self) -> PathBuf {
         self.dir.path().join("agent-tokens.toml")

@@ -4,7 +4,7 @@
 //! (`proxy`), an app that calls onward through its sidecar (`relay`), snapshot text builders
 //! (`snapshot`), metric lookups (`metrics`), a closed-loop workload (`load`), a service whose
 //! replicas are real sidecar processes a test can kill (`replicas`) and real Python clients and
-//! servers (`python`).
+//! servers (`python`), and a TLS client with certificates made on the spot (`tls`).
 //!
 //! Every wait in the harness is bounded by [`WAIT`] and panics with what it was waiting for.
 
@@ -22,6 +22,7 @@ pub mod relay;
 pub mod replicas;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;

@@ -3,6 +3,8 @@
 //! local app`, or, for the sidecar in front of Ollama, `target -> access log -> ollama gateway`.
 //! The deadline honours the budget a peer sidecar propagated (`x-mesh-timeout-ms`).
 
+pub mod authz;
+pub mod caller;
 pub mod concurrency;
 pub mod ollama;
 pub mod target;

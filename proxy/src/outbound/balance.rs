@@ -32,6 +32,9 @@ pub struct Endpoint {
     pub breaker: Option<Breaker>,
     /// Idle and shared connections to this address.
     pub conns: crate::outbound::pool::Conns,
+    /// The mesh service whose sidecar listens here (`None`: the local app), named by the
+    /// certificate a mutual-TLS peer must present.
+    pub peer: Option<Arc<str>>,
 }
 
 /// The endpoints of one backend.
@@ -78,6 +81,7 @@ impl Endpoint {
             health: eject::Health::default(),
             breaker,
             conns: Default::default(),
+            peer: None,
             addr,
             authority: Authority::try_from(addr.to_string().as_str())
                 .expect("a socket address is a valid authority"),
@@ -85,6 +89,12 @@ impl Endpoint {
             rtt_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(nanos_since_epoch(Instant::now())),
         }
+    }
+
+    /// Marks the endpoint as a sidecar of the mesh service `name`.
+    pub fn for_peer(mut self, name: Arc<str>) -> Self {
+        self.peer = Some(name);
+        self
     }
 
     /// Expected cost of sending one more request here.

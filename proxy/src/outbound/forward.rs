@@ -140,7 +140,7 @@ where
         }
         let grpc = crate::grpc::is_grpc(&req);
         let inflight = InFlight::start(endpoint.clone());
-        let pools = *self.pools;
+        let pools = (*self.pools).clone();
         let sent = async move {
             match protocol {
                 Protocol::Http1 => pools.send_http1(endpoint, req).await,

@@ -4,8 +4,13 @@
 //! connection gave back unwritten (the peer closed it, or sent GOAWAY) goes to a fresh one.
 //!
 //! The per-endpoint locks guard a few pointer moves and are never held across an await.
+//!
+//! A connection to a peer sidecar is mutual TLS when this sidecar dials over TLS (see
+//! [`crate::identity::Identity::dial`]); each pooled connection remembers whether it is, so
+//! one made in plaintext is not reused once the mesh dials over TLS.
 
 use crate::bootstrap::Upstream;
+use crate::identity::Identity;
 use crate::outbound::balance::Endpoint;
 use crate::outbound::replay::RequestBody;
 use http::{Request, Response};
@@ -16,6 +21,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -30,11 +36,13 @@ const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 /// How upstream connections are made and kept; shared by every request of a listener.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Pools {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
+    /// This sidecar's identity, for mutual TLS to peer sidecars.
+    identity: Option<Arc<Identity>>,
 }
 
 /// The connections of one endpoint.
@@ -51,6 +59,7 @@ pub struct Conns {
 struct Idle {
     tx: http1::SendRequest<RequestBody>,
     since: Instant,
+    tls: bool,
 }
 
 #[derive(Debug)]
@@ -59,6 +68,7 @@ struct Shared {
     used: Instant,
     /// Which connection of this endpoint it is, to retire exactly the one that failed.
     generation: u64,
+    tls: bool,
 }
 
 /// An HTTP/1.1 connection lent to one exchange; it goes back to its endpoint when the response
@@ -68,6 +78,7 @@ pub struct Checkin {
     endpoint: Arc<Endpoint>,
     tx: Option<http1::SendRequest<RequestBody>>,
     pools: Pools,
+    tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +96,12 @@ pub enum Error {
         addr: SocketAddr,
         #[source]
         source: hyper::Error,
+    },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
     },
     #[error("request to {addr}")]
     Http {
@@ -111,7 +128,21 @@ impl Pools {
             connect_timeout: cfg.connect_timeout,
             idle_timeout: cfg.pool_idle_timeout,
             max_idle: cfg.pool_max_idle_per_endpoint,
+            identity: None,
         }
+    }
+
+    /// Dials peer sidecars over mutual TLS when `identity` says so.
+    pub fn with_identity(mut self, identity: Arc<Identity>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// The TLS client configuration for `endpoint`, when it is a peer sidecar this sidecar
+    /// dials over mutual TLS.
+    fn tls_for(&self, endpoint: &Endpoint, h2: bool) -> Option<Arc<rustls::ClientConfig>> {
+        endpoint.peer.as_ref()?;
+        self.identity.as_ref()?.dial(h2)
     }
 
     /// Sends `req` over HTTP/1.1 on an idle connection of `endpoint`, or a new one. The
@@ -122,9 +153,13 @@ impl Pools {
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<Checkin>), Error> {
         let addr = endpoint.addr;
-        while let Some(mut tx) = self.checkout(&endpoint) {
+        let tls = self.tls_for(&endpoint, false);
+        while let Some(mut tx) = self.checkout(&endpoint, tls.is_some()) {
             match tx.try_send_request(req).await {
-                Ok(rsp) => return Ok((rsp, self.lend(endpoint, tx))),
+                Ok(rsp) => {
+                    let tls = tls.is_some();
+                    return Ok((rsp, self.lend(endpoint, tx, tls)));
+                }
                 Err(mut e) => match e.take_message() {
                     // The connection closed before the request was written: try another.
                     Some(back) => req = back,
@@ -137,30 +172,24 @@ impl Pools {
         }
         // Boxed: the connect and handshake states would otherwise make every pooled send's
         // future (moved and copied with the request) several times larger.
-        Box::pin(self.send_on_new_http1(endpoint, req)).await
+        Box::pin(self.send_on_new_http1(endpoint, req, tls)).await
     }
 
     async fn send_on_new_http1(
         self,
         endpoint: Arc<Endpoint>,
         req: Request<RequestBody>,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<(Response<Incoming>, Option<Checkin>), Error> {
         let addr = endpoint.addr;
-        let io = self.connect(addr).await?;
-        // One write per message: a head and a small body in one buffer cost one copy, where a
-        // vectored write costs the kernel more than the copy saves.
-        let (mut tx, conn) = http1::Builder::new()
-            .writev(false)
-            .handshake(io)
-            .await
-            .map_err(|source| Error::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%addr, error = %e, "upstream connection closed");
-            }
-        });
+        let tcp = self.connect(addr).await?;
+        let is_tls = tls.is_some();
+        let mut tx = match tls {
+            Some(cfg) => handshake_http1(addr, tls_connect(tcp, cfg, &endpoint).await?).await?,
+            None => handshake_http1(addr, tcp).await?,
+        };
         match tx.try_send_request(req).await {
-            Ok(rsp) => Ok((rsp, self.lend(endpoint, tx))),
+            Ok(rsp) => Ok((rsp, self.lend(endpoint, tx, is_tls))),
             Err(e) => Err(Error::Http {
                 addr,
                 source: e.into_error(),
@@ -176,7 +205,8 @@ impl Pools {
         mut req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, Error> {
         let addr = endpoint.addr;
-        if let Some((mut tx, generation)) = self.shared(&endpoint) {
+        let tls = self.tls_for(&endpoint, true);
+        if let Some((mut tx, generation)) = self.shared(&endpoint, tls.is_some()) {
             match tx.try_send_request(req).await {
                 Ok(rsp) => return Ok(rsp),
                 Err(mut e) => match e.take_message() {
@@ -195,7 +225,7 @@ impl Pools {
                 },
             }
         }
-        let mut tx = Box::pin(self.connect_shared(&endpoint)).await?;
+        let mut tx = Box::pin(self.connect_shared(&endpoint, tls)).await?;
         tx.try_send_request(req).await.map_err(|e| Error::Http {
             addr,
             source: e.into_error(),
@@ -206,20 +236,22 @@ impl Pools {
     async fn connect_shared(
         &self,
         endpoint: &Endpoint,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<http2::SendRequest<RequestBody>, Error> {
-        let addr = endpoint.addr;
+        let is_tls = tls.is_some();
         let tx = {
             let mut made = endpoint.conns.http2_connect.lock().await;
             // Another request may have connected while this one waited.
-            match self.shared(endpoint) {
+            match self.shared(endpoint, is_tls) {
                 Some((tx, _)) => tx,
                 None => {
-                    let tx = self.connect_http2(addr).await?;
+                    let tx = self.connect_http2(endpoint, tls).await?;
                     *made += 1;
                     *lock(&endpoint.conns.http2) = Some(Shared {
                         tx: tx.clone(),
                         used: Instant::now(),
                         generation: *made,
+                        tls: is_tls,
                     });
                     tx
                 }
@@ -229,11 +261,15 @@ impl Pools {
     }
 
     /// The endpoint's HTTP/2 connection, unless it is closed or has idled out.
-    fn shared(&self, endpoint: &Endpoint) -> Option<(http2::SendRequest<RequestBody>, u64)> {
+    fn shared(
+        &self,
+        endpoint: &Endpoint,
+        tls: bool,
+    ) -> Option<(http2::SendRequest<RequestBody>, u64)> {
         let now = Instant::now();
         let mut slot = lock(&endpoint.conns.http2);
         match slot.as_mut() {
-            Some(s) if !s.tx.is_closed() && now - s.used < self.idle_timeout => {
+            Some(s) if !s.tx.is_closed() && now - s.used < self.idle_timeout && s.tls == tls => {
                 s.used = now;
                 Some((s.tx.clone(), s.generation))
             }
@@ -246,51 +282,55 @@ impl Pools {
 
     async fn connect_http2(
         &self,
-        addr: SocketAddr,
+        endpoint: &Endpoint,
+        tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<http2::SendRequest<RequestBody>, Error> {
-        let io = self.connect(addr).await?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .adaptive_window(true)
-            .handshake(io)
-            .await
-            .map_err(|source| Error::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream connection closed");
-            }
-        });
-        Ok(tx)
+        let addr = endpoint.addr;
+        let tcp = self.connect(addr).await?;
+        match tls {
+            Some(cfg) => handshake_http2(addr, tls_connect(tcp, cfg, endpoint).await?).await,
+            None => handshake_http2(addr, tcp).await,
+        }
     }
 
     /// The most recently used idle connection that is still open and not expired.
-    fn checkout(&self, endpoint: &Endpoint) -> Option<http1::SendRequest<RequestBody>> {
+    /// A plaintext one is dropped when TLS is wanted, and the other way round.
+    fn checkout(&self, endpoint: &Endpoint, tls: bool) -> Option<http1::SendRequest<RequestBody>> {
         let now = Instant::now();
         let mut idle = lock(&endpoint.conns.http1);
-        while let Some(Idle { tx, since }) = idle.pop_back() {
+        while let Some(Idle {
+            tx,
+            since,
+            tls: was,
+        }) = idle.pop_back()
+        {
             if now - since >= self.idle_timeout {
                 // Everything older is expired too.
                 idle.clear();
                 return None;
             }
-            if !tx.is_closed() {
+            if !tx.is_closed() && was == tls {
                 return Some(tx);
             }
         }
         None
     }
 
-    fn lend(self, endpoint: Arc<Endpoint>, tx: http1::SendRequest<RequestBody>) -> Option<Checkin> {
+    fn lend(
+        self,
+        endpoint: Arc<Endpoint>,
+        tx: http1::SendRequest<RequestBody>,
+        tls: bool,
+    ) -> Option<Checkin> {
         Some(Checkin {
             endpoint,
             tx: Some(tx),
             pools: self,
+            tls,
         })
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<TokioIo<TcpStream>, Error> {
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, Error> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| Error::ConnectTimeout {
@@ -303,10 +343,10 @@ impl Pools {
         sock.set_tcp_nodelay(true)
             .and_then(|()| sock.set_tcp_keepalive(&keepalive))
             .map_err(|source| Error::Connect { addr, source })?;
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 
-    fn put_back(&self, endpoint: &Endpoint, tx: http1::SendRequest<RequestBody>) {
+    fn put_back(&self, endpoint: &Endpoint, tx: http1::SendRequest<RequestBody>, tls: bool) {
         let now = Instant::now();
         let mut idle = lock(&endpoint.conns.http1);
         while idle
@@ -316,9 +356,78 @@ impl Pools {
             idle.pop_front();
         }
         if idle.len() < self.max_idle {
-            idle.push_back(Idle { tx, since: now });
+            idle.push_back(Idle {
+                tx,
+                since: now,
+                tls,
+            });
         }
     }
+}
+
+/// The TLS handshake with a peer sidecar, which must prove it is the agent `endpoint` serves.
+async fn tls_connect(
+    tcp: TcpStream,
+    cfg: Arc<rustls::ClientConfig>,
+    endpoint: &Endpoint,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Error> {
+    let addr = endpoint.addr;
+    let peer = endpoint.peer.as_deref().unwrap_or_default();
+    let name =
+        rustls::pki_types::ServerName::try_from(peer.to_owned()).map_err(|e| Error::Tls {
+            addr,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+    ::metrics::counter!(crate::metrics::TLS_HANDSHAKES, "side" => "client").increment(1);
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|source| Error::Tls { addr, source })
+}
+
+async fn handshake_http1<T>(
+    addr: SocketAddr,
+    io: T,
+) -> Result<http1::SendRequest<RequestBody>, Error>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    // One write per message: a head and a small body in one buffer cost one copy, where a
+    // vectored write costs the kernel more than the copy saves.
+    let (tx, conn) = http1::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| Error::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upstream connection closed");
+        }
+    });
+    Ok(tx)
+}
+
+async fn handshake_http2<T>(
+    addr: SocketAddr,
+    io: T,
+) -> Result<http2::SendRequest<RequestBody>, Error>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
+        .adaptive_window(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|source| Error::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream connection closed");
+        }
+    });
+    Ok(tx)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -339,7 +448,7 @@ impl Drop for Checkin {
     fn drop(&mut self) {
         let Some(mut tx) = self.tx.take() else { return };
         if tx.is_ready() {
-            self.pools.put_back(&self.endpoint, tx);
+            self.pools.put_back(&self.endpoint, tx, self.tls);
             return;
         }
         if tx.is_closed() {
@@ -351,10 +460,11 @@ impl Drop for Checkin {
             return;
         };
         let endpoint = self.endpoint.clone();
-        let pools = self.pools;
+        let pools = self.pools.clone();
+        let tls = self.tls;
         rt.spawn(async move {
             if let Ok(Ok(())) = tokio::time::timeout(pools.idle_timeout, tx.ready()).await {
-                pools.put_back(&endpoint, tx);
+                pools.put_back(&endpoint, tx, tls);
             }
         });
     }
@@ -369,6 +479,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(90),
             max_idle,
+            identity: None,
         }
     }
 
@@ -389,15 +500,15 @@ mod tests {
     async fn the_latest_idle_connection_is_reused_until_it_idles_out() {
         let (p, ep) = (pools(4), endpoint());
         let (old, _a) = sender().await;
-        p.put_back(&ep, old);
+        p.put_back(&ep, old, false);
         tokio::time::advance(Duration::from_secs(60)).await;
         let (new, _b) = sender().await;
-        p.put_back(&ep, new);
-        assert!(p.checkout(&ep).is_some());
+        p.put_back(&ep, new, false);
+        assert!(p.checkout(&ep, false).is_some());
         assert_eq!(lock(&ep.conns.http1).len(), 1);
         // The older one has now been idle for longer than the idle timeout.
         tokio::time::advance(Duration::from_secs(31)).await;
-        assert!(p.checkout(&ep).is_none());
+        assert!(p.checkout(&ep, false).is_none());
         assert!(lock(&ep.conns.http1).is_empty());
     }
 
@@ -408,7 +519,7 @@ mod tests {
         for _ in 0..3 {
             let (tx, peer) = sender().await;
             peers.push(peer);
-            p.put_back(&ep, tx);
+            p.put_back(&ep, tx, false);
         }
         assert_eq!(lock(&ep.conns.http1).len(), 2);
     }
@@ -424,7 +535,7 @@ mod tests {
         // The connection sees the peer's close and ends; the sender reports it closed.
         let _ = conn.await;
         assert!(tx.is_closed());
-        p.put_back(&ep, tx);
-        assert!(p.checkout(&ep).is_none());
+        p.put_back(&ep, tx, false);
+        assert!(p.checkout(&ep, false).is_none());
     }
 }

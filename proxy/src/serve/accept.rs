@@ -1,6 +1,8 @@
 use super::detect::{detect, Detected};
+use super::peer::PeerService;
 use crate::bootstrap::Limits;
 use crate::drain::Watch;
+use crate::identity::Identity;
 use crate::metrics;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -43,6 +45,9 @@ pub struct Accept<S> {
     pub builder: Arc<ServerBuilder>,
     pub service: S,
     pub detect_timeout: Duration,
+    /// With an identity, the listener also answers mutual TLS and tells the service who
+    /// called on each request (see [`super::Caller`]).
+    pub tls: Option<Arc<Identity>>,
 }
 
 impl<S, B> Accept<S>
@@ -62,6 +67,7 @@ where
             builder,
             service,
             detect_timeout,
+            tls,
         } = self;
         let accepted = ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "listener" => name);
         loop {
@@ -84,6 +90,7 @@ where
                 service: service.clone(),
                 watch: watch.clone(),
                 detect_timeout,
+                tls: tls.clone(),
             };
             tokio::spawn(conn.serve(stream));
         }
@@ -97,6 +104,7 @@ struct Connection<S> {
     service: S,
     watch: Watch,
     detect_timeout: Duration,
+    tls: Option<Arc<Identity>>,
 }
 
 impl<S, B> Connection<S>
@@ -113,39 +121,70 @@ where
         let Connection {
             builder,
             service,
-            mut watch,
+            watch,
             detect_timeout,
+            tls,
         } = self;
         let _ = stream.set_nodelay(true);
-        match detect(&stream, detect_timeout).await {
-            Detected::Http => {}
-            Detected::Unknown(byte) => {
+        let tagged = tls.is_some();
+        match (detect(&stream, detect_timeout).await, tls) {
+            (Detected::Http, _) => {
+                let service = PeerService::new(service, tagged, None);
+                serve_io(&builder, stream, service, watch).await
+            }
+            (Detected::Tls, Some(identity)) => {
+                ::metrics::counter!(metrics::TLS_HANDSHAKES, "side" => "server").increment(1);
+                match identity.accept(stream, detect_timeout).await {
+                    Ok((tls, caller)) => {
+                        let service = PeerService::new(service, true, Some(caller));
+                        serve_io(&builder, tls, service, watch).await
+                    }
+                    Err(reason) => {
+                        ::metrics::counter!(metrics::TLS_HANDSHAKE_FAILURES, "reason" => reason)
+                            .increment(1);
+                        tracing::info!(reason, "closed connection: mutual TLS refused");
+                    }
+                }
+            }
+            (Detected::Tls | Detected::Unknown(_), _) => {
                 metrics::protocol_error("unknown_protocol");
-                tracing::info!(first_byte = byte, "closed connection: not HTTP");
-                return;
+                tracing::info!("closed connection: not HTTP");
             }
-            Detected::Nothing => return,
+            (Detected::Nothing, _) => {}
         }
-        let conn = builder.serve_connection_with_upgrades(
-            TokioIo::new(stream),
-            TowerToHyperService::new(service),
-        );
-        tokio::pin!(conn);
-        let res = tokio::select! {
-            res = conn.as_mut() => res,
-            _ = watch.signaled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if let Err(e) = res {
-            let kind = classify(&*e);
-            if let Some(kind) = kind {
-                metrics::protocol_error(kind);
-                tracing::info!(error = %e, kind, "connection closed on a protocol error");
-            } else {
-                tracing::debug!(error = %e, "connection ended");
-            }
+    }
+}
+
+/// Serves HTTP on one accepted connection, plaintext or TLS, until it ends or the drain
+/// closes it gracefully.
+async fn serve_io<I, S, B>(builder: &ServerBuilder, io: I, service: S, mut watch: Watch)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn =
+        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        res = conn.as_mut() => res,
+        _ = watch.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        let kind = classify(&*e);
+        if let Some(kind) = kind {
+            metrics::protocol_error(kind);
+            tracing::info!(error = %e, kind, "connection closed on a protocol error");
+        } else {
+            tracing::debug!(error = %e, "connection ended");
         }
     }
 }

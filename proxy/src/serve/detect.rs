@@ -8,16 +8,22 @@ use tokio::net::TcpStream;
 pub enum Detected {
     /// An HTTP/1.x request line or the HTTP/2 preface (`PRI * HTTP/2.0`).
     Http,
+    /// A TLS handshake record (a ClientHello).
+    Tls,
     Unknown(u8),
     /// Closed, or silent until the timeout: nothing to serve.
     Nothing,
 }
+
+/// The content type of a TLS handshake record, the first byte a TLS client sends.
+const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Waits for the first byte without consuming it.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     let mut first = [0u8; 1];
     match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
         Ok(Ok(1)) if first[0].is_ascii_uppercase() => Detected::Http,
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => Detected::Tls,
         Ok(Ok(1)) => Detected::Unknown(first[0]),
         _ => Detected::Nothing,
     }

@@ -3,5 +3,7 @@
 
 mod accept;
 mod detect;
+mod peer;
 
 pub use accept::{server_builder, Accept};
+pub use peer::Caller;
