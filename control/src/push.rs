@@ -101,6 +101,9 @@ impl Push {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/v1/snapshot") => match parse_poll(req.uri().query().unwrap_or("")) {
                 Ok(mut poll) => {
+                    if let Some(refused) = self.check_agent(req.headers(), &poll.agent).await {
+                        return refused;
+                    }
                     // A sidecar bound to 0.0.0.0 is reached at the address it polls from.
                     if let Some(admin) = poll.admin.as_mut().filter(|a| a.ip().is_unspecified()) {
                         admin.set_ip(peer.ip());
@@ -109,7 +112,10 @@ impl Push {
                 }
                 Err(reason) => error(StatusCode::BAD_REQUEST, &reason),
             },
-            (&Method::POST, "/v1/ack") => self.ack(req).await,
+            (&Method::POST, "/v1/ack") => {
+                let headers = req.headers().clone();
+                self.ack(req, &headers).await
+            }
             (&Method::POST, "/v1/catalog/confirm") => self.confirm.call(req.headers()).await,
             (&Method::POST, "/v1/certificate") => match &self.identity {
                 Some(identity) => identity.certificate(req).await,
@@ -186,7 +192,22 @@ impl Push {
         rsp
     }
 
-    async fn ack(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// With mesh identity on, a sidecar proves which agent it is (its bootstrap token) before
+    /// it gets that agent's snapshot or reports for it; `None` when it may go on.
+    async fn check_agent(
+        &self,
+        headers: &http::HeaderMap,
+        agent: &str,
+    ) -> Option<Response<Full<Bytes>>> {
+        let identity = self.identity.as_ref()?;
+        identity.check_agent(headers, agent).await.err()
+    }
+
+    async fn ack(
+        &self,
+        req: Request<Incoming>,
+        headers: &http::HeaderMap,
+    ) -> Response<Full<Bytes>> {
         let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "body over 64 KiB"),
@@ -195,6 +216,9 @@ impl Push {
             Ok(a) => a,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
+        if let Some(refused) = self.check_agent(headers, &ack.agent).await {
+            return refused;
+        }
         if let Some(reason) = &ack.rejected {
             tracing::warn!(agent = %ack.agent, version = ack.version, %reason,
                 "sidecar rejected a snapshot");

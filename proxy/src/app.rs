@@ -193,6 +193,10 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             state.clone(),
         )
         .with_admin(addrs.admin, boot.inbound.mode == InboundMode::Ollama);
+        let client = match &boot.identity {
+            Some(id) => client.with_token_file(id.token_file.clone()),
+            None => client,
+        };
         tokio::spawn(client.run(stopped.clone()));
     } else if let Some(path) = &boot.snapshot.file {
         let source = SnapshotFile {

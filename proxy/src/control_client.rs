@@ -58,6 +58,9 @@ pub struct ControlClient {
     /// `&admin=..&mode=..` for each poll: where control (and the compliance check) finds this
     /// sidecar's `/health` and `/metrics`, and whether it is the Ollama gateway.
     report: String,
+    /// The agent's bootstrap token: with mesh identity on, the control process serves an
+    /// agent's snapshot only to the holder of its token.
+    token_file: Option<std::path::PathBuf>,
 }
 
 /// Reads a persisted snapshot; a missing or unreadable file is `None` (and logged).
@@ -111,7 +114,14 @@ impl ControlClient {
             http,
             seen,
             report: String::new(),
+            token_file: None,
         }
+    }
+
+    /// Proves the agent with its bootstrap token (read at every call) on every exchange.
+    pub fn with_token_file(mut self, path: std::path::PathBuf) -> Self {
+        self.token_file = Some(path);
+        self
     }
 
     /// Reports the admin listener and what the sidecar fronts with every poll.
@@ -244,12 +254,20 @@ impl ControlClient {
             .path_and_query(pq)
             .build()
             .expect("an address and an ASCII path make a URI");
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(uri)
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("a request from valid parts");
+        if let Some(path) = &self.token_file {
+            // Unreadable: the call goes without, and control's refusal says why.
+            if let Ok(token) = tokio::fs::read_to_string(path).await {
+                if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {}", token.trim())) {
+                    req.headers_mut().insert(http::header::AUTHORIZATION, v);
+                }
+            }
+        }
         let exchange = async {
             let rsp = self
                 .http

@@ -93,6 +93,24 @@ async fn the_ca_signs_only_the_agent_a_token_names() {
     assert!(refused("no_token") >= 1.0);
     assert!(refused("bad_csr") >= 1.0);
 
+    // The control channel: a sidecar gets only its own agent's snapshot.
+    let poll = |token: Option<&'static str>| async move {
+        let mut req = http::Request::get(format!(
+            "http://{addr}/v1/snapshot?agent=a&version=0&wait=1ms"
+        ));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        mesh_tests::client::http1(addr)
+            .send(req.body(mesh_tests::body::empty()).expect("a request"))
+            .await
+            .status
+            .as_u16()
+    };
+    assert_eq!(poll(None).await, 401);
+    assert_eq!(poll(Some(TOKEN_B)).await, 403);
+    assert!(matches!(poll(Some(TOKEN_A)).await, 200 | 304));
+
     // A revoked token (an edit of the tokens file) is refused without a restart.
     mesh_tests::proxy::replace_file(&control.tokens_path(), &format!("b = {TOKEN_B:?}\n"));
     let (status, _) = ask(addr, Some(TOKEN_A), "a", &csr()).await;

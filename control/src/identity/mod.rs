@@ -5,6 +5,9 @@
 //! "not_after_unix_ms"}`. The token must be the one the tokens file holds for NAME: one
 //! agent's token cannot get another agent's certificate. Refusals are logged and counted in
 //! `mesh_control_identity_refused_total{reason}`; issues in `mesh_control_identity_issued_total`.
+//!
+//! With identity on, the long-poll and the ack need the same token: a sidecar gets only its
+//! own agent's snapshot and reports only for itself.
 
 pub mod ca;
 pub mod tokens;
@@ -91,6 +94,29 @@ impl Identity {
                 ::metrics::counter!(crate::metrics::IDENTITY_REFUSED, "reason" => "bad_csr")
                     .increment(1);
                 error(StatusCode::BAD_REQUEST, &e.to_string())
+            }
+        }
+    }
+}
+
+// === impl Identity (the control channel) ===
+
+impl Identity {
+    /// Admits a control-channel call for `agent` when it carries that agent's token.
+    pub async fn check_agent(
+        &self,
+        headers: &http::HeaderMap,
+        agent: &str,
+    ) -> Result<(), Response<Full<Bytes>>> {
+        let Some(offered) = bearer(headers) else {
+            return Err(refuse("no_token", Some(agent), StatusCode::UNAUTHORIZED));
+        };
+        match Tokens::read(&self.tokens).await {
+            Ok(t) if t.admits(agent, offered) => Ok(()),
+            Ok(_) => Err(refuse("wrong_token", Some(agent), StatusCode::FORBIDDEN)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the bootstrap tokens");
+                Err(error(StatusCode::SERVICE_UNAVAILABLE, "tokens unavailable"))
             }
         }
     }

@@ -128,6 +128,7 @@ where
         let deadline = per_try.into_iter().chain(overall.map(|d| d.at)).min();
         let endpoint = picked.endpoint.clone();
 
+        crate::outbound::upgrade::strip_unknown(&mut req);
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         // An upgrade needs an HTTP/1.1 connection whatever the backend prefers.
         let protocol = if upgrade.is_some() {

@@ -23,6 +23,7 @@ pub mod route;
 pub mod settle;
 pub mod tee;
 pub mod timeout;
+pub mod upgrade;
 
 use crate::access_log::AccessLogLayer;
 use crate::bootstrap::Bootstrap;
