@@ -82,7 +82,12 @@ pub async fn run(status_url: &str, timeout: Duration) -> Report {
     } else {
         format!("{url}/status")
     };
-    let status = match http.get(&url).await {
+    // The operator token, when the control process guards `/status` with one; never sent to
+    // the sidecars.
+    let token = std::env::var("MESH_CONTROL_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let status = match http.fetch(&url, token.as_deref()).await {
         Ok(r) if r.status == StatusCode::OK => match serde_json::from_slice::<Value>(&r.body) {
             Ok(v) => v,
             Err(e) => {
@@ -367,11 +372,19 @@ impl Http {
     }
 
     async fn get(&self, url: &str) -> Result<Reply, FetchError> {
+        self.fetch(url, None).await
+    }
+
+    async fn fetch(&self, url: &str, bearer: Option<&str>) -> Result<Reply, FetchError> {
         let uri: Uri = url.parse().map_err(|_| FetchError::Url(url.to_owned()))?;
         if uri.scheme_str() != Some("http") || uri.host().is_none() {
             return Err(FetchError::Url(url.to_owned()));
         }
-        let req = Request::get(uri)
+        let mut req = Request::get(uri);
+        if let Some(t) = bearer {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
             .body(Empty::new())
             .map_err(|_| FetchError::Url(url.to_owned()))?;
         let transport = |e: &dyn fmt::Display| FetchError::Transport {

@@ -121,7 +121,10 @@ impl Push {
                 Some(identity) => identity.certificate(req).await,
                 None => error(StatusCode::NOT_FOUND, "mesh identity is off"),
             },
-            (&Method::GET, "/status") => json(StatusCode::OK, self.status.render().to_string()),
+            (&Method::GET, "/status") => match self.confirm.refuse_non_operator(req.headers()) {
+                None => json(StatusCode::OK, self.status.render().to_string()),
+                Some(refused) => refused,
+            },
             (&Method::GET, "/health") => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
             (&Method::GET, "/metrics") => {
                 let mut rsp = Response::new(Full::new(Bytes::from(self.prometheus.render())));
@@ -233,6 +236,23 @@ impl Push {
 // === impl Confirmer ===
 
 impl Confirmer {
+    /// With `MESH_CONTROL_TOKEN` set, `/status` (which names every sidecar and its admin
+    /// address) is for operators only.
+    fn refuse_non_operator(&self, headers: &http::HeaderMap) -> Option<Response<Full<Bytes>>> {
+        let token = self.token.as_ref()?;
+        let offered = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        (!same_secret(offered.as_bytes(), token.as_bytes())).then(|| {
+            error(
+                StatusCode::UNAUTHORIZED,
+                "a valid operator bearer token is required",
+            )
+        })
+    }
+
     async fn call(&self, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
         let Some(token) = &self.token else {
             return error(

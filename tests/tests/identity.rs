@@ -12,6 +12,7 @@ use std::time::Duration;
 
 const TOKEN_A: &str = "token-of-agent-a-0123456789";
 const TOKEN_B: &str = "token-of-agent-b-0123456789";
+const OPERATOR: &str = "operator-token-0123456789";
 
 fn csr() -> String {
     let key = rcgen::KeyPair::generate().expect("a key");
@@ -40,6 +41,7 @@ async fn ask(control: SocketAddr, token: Option<&str>, agent: &str, csr: &str) -
 async fn the_ca_signs_only_the_agent_a_token_names() {
     let control = control::builder()
         .identity(&[("a", TOKEN_A), ("b", TOKEN_B)], Duration::from_secs(3600))
+        .confirm_token(OPERATOR)
         .start()
         .await;
     let addr = control.addr();
@@ -110,6 +112,22 @@ async fn the_ca_signs_only_the_agent_a_token_names() {
     assert_eq!(poll(None).await, 401);
     assert_eq!(poll(Some(TOKEN_B)).await, 403);
     assert!(matches!(poll(Some(TOKEN_A)).await, 200 | 304));
+
+    // `/status` is for the operator: MESH_CONTROL_TOKEN, not an agent's token.
+    let status = |token: Option<&'static str>| async move {
+        let mut req = http::Request::get(format!("http://{addr}/status"));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        mesh_tests::client::http1(addr)
+            .send(req.body(mesh_tests::body::empty()).expect("a request"))
+            .await
+            .status
+            .as_u16()
+    };
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some(TOKEN_A)).await, 401);
+    assert_eq!(status(Some(OPERATOR)).await, 200);
 
     // A revoked token (an edit of the tokens file) is refused without a restart.
     mesh_tests::proxy::replace_file(&control.tokens_path(), &format!("b = {TOKEN_B:?}\n"));
