@@ -55,10 +55,19 @@ async fn mesh_with_b(
     initial: &str,
     dir: &std::path::Path,
 ) -> (TestControl, Server, ProxyProcess, u64) {
+    mesh_with_b_for(initial, Duration::from_secs(3600), dir).await
+}
+
+/// As [`mesh_with_b`], with certificates valid for `lifetime`.
+async fn mesh_with_b_for(
+    initial: &str,
+    lifetime: Duration,
+    dir: &std::path::Path,
+) -> (TestControl, Server, ProxyProcess, u64) {
     let app = server::echo().run().await;
     let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let control = control::builder()
-        .identity(&[("a", TOKEN_A), ("b", TOKEN_B)], Duration::from_secs(3600))
+        .identity(&[("a", TOKEN_A), ("b", TOKEN_B)], lifetime)
         .policy_file("identity.toml", &mode(initial))
         .catalog(&catalog(&[("b", "critical", &[placeholder])]))
         .start()
@@ -232,6 +241,54 @@ async fn a_running_mesh_moves_from_permissive_to_strict_without_failed_requests(
     assert!(
         statuses.iter().all(|s| *s == 200),
         "failed requests during the migration: {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    assert_eq!(last_caller(&app).as_deref(), Some("a"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    // Certificates of 3 s, renewed every 2 s by both sidecars, in strict mode.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (control, app, b, version) =
+        mesh_with_b_for("strict", Duration::from_secs(3), dir.path()).await;
+    let a = sidecar(&control, "a", TOKEN_A, None, dir.path()).await;
+    control.wait_applied(version, 2).await;
+    let via_a = client::http1(a.outbound());
+    assert_eq!(via_a.get("b", "/").await.status, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                statuses.push(via_a.get("b", "/").await.status.as_u16());
+            }
+            statuses
+        })
+    };
+    // Two more certificates each while the load runs.
+    for side in [&a, &b] {
+        let now = metric_or_zero(
+            &scrape(side.admin()).await,
+            "agent_identity_renewals_total",
+            &[("result", "ok")],
+        );
+        wait_for_metric(
+            side.admin(),
+            "agent_identity_renewals_total",
+            &[("result", "ok")],
+            now + 2.0,
+        )
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let statuses = load.await.expect("the load task");
+    assert!(statuses.len() >= 20, "{}", statuses.len());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "failed requests across renewals: {:?}",
         statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
     );
     assert_eq!(last_caller(&app).as_deref(), Some("a"));
