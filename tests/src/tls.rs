@@ -3,7 +3,7 @@
 
 use crate::body::BoxError;
 use http::Request;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
@@ -77,6 +77,28 @@ pub async fn get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<(u16, bytes::Bytes), BoxError> {
+    exchange(addr, cert, http::Method::GET, path, headers, "").await
+}
+
+/// `POST path` with `body`, as [`get`].
+pub async fn post(
+    addr: SocketAddr,
+    cert: Option<&ClientCert>,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> Result<(u16, bytes::Bytes), BoxError> {
+    exchange(addr, cert, http::Method::POST, path, headers, body).await
+}
+
+async fn exchange(
+    addr: SocketAddr,
+    cert: Option<&ClientCert>,
+    method: http::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> Result<(u16, bytes::Bytes), BoxError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -98,13 +120,19 @@ pub async fn get(
         .await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(conn);
-    let mut req = Request::get(format!("http://b{path}"));
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://b{path}"));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let rsp = crate::bounded(
         "a TLS exchange",
-        send.send_request(req.body(Empty::<bytes::Bytes>::new())?),
+        send.send_request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )))?,
+        ),
     )
     .await?;
     let status = rsp.status().as_u16();

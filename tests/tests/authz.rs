@@ -123,3 +123,93 @@ async fn callers_are_allowed_by_name_or_phase_and_an_edit_applies_live() {
         "refused calls never reached the app"
     );
 }
+
+/// The Ollama gateway ranks a caller by its certificate: a specialized agent claiming, in
+/// `x-mesh-caller`, to be a critical one is admitted as specialized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ollama_gateway_ranks_the_certificate_not_the_header() {
+    const TOKEN_GW: &str = "token-of-the-gateway-0123456789";
+    let ollama = mesh_tests::ollama::fake().parallel(1).chunks(1).run().await;
+    let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let entries = |gw: SocketAddr| {
+        catalog(&[
+            ("ollama", "performance", &[gw]),
+            ("crit", "critical", &[elsewhere]),
+            ("spec", "specialized", &[elsewhere]),
+        ])
+    };
+    let control = control::builder()
+        .identity(&[("ollama", TOKEN_GW)], Duration::from_secs(3600))
+        .policy_file("identity.toml", "[identity]\nmode = \"strict\"\n")
+        .catalog(&entries(elsewhere))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, TOKEN_GW).expect("write the token");
+    let gw = proxy::builder()
+        .agent("ollama")
+        .ollama_gateway(ollama.addr())
+        .bootstrap_extra(&format!(
+            "{}\n[identity]\ntoken_file = {:?}\n",
+            control.sidecar_toml(None),
+            token_file.display().to_string()
+        ))
+        .spawn()
+        .await;
+    wait_for_metric(
+        gw.admin(),
+        "agent_identity_renewals_total",
+        &[("result", "ok")],
+        1.0,
+    )
+    .await;
+    let inbound = gw.inbound().expect("the gateway listens");
+    let before = control.version();
+    control.write_catalog(&entries(inbound));
+    let v = control.wait_version_after(before).await;
+    control.wait_applied(v, 1).await;
+
+    let (from, to) = valid_for(Duration::from_secs(3600));
+    let spec = leaf(&control.ca_pem(), &control.ca_key_pem(), "spec", from, to);
+    let (status, body) = tls::get(
+        inbound,
+        Some(&spec),
+        "/api/version",
+        &[("x-mesh-caller", "crit")],
+    )
+    .await
+    .expect("a TLS exchange");
+    assert_eq!(status, 200, "{body:?}");
+    // A generation, ranked and counted by the certificate's phase.
+    let (status, body) = tls::post(
+        inbound,
+        Some(&spec),
+        "/api/generate",
+        &[
+            ("x-mesh-caller", "crit"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"model":"fake","prompt":"hi","stream":false}"#,
+    )
+    .await
+    .expect("a TLS exchange");
+    assert_eq!(status, 200, "{body:?}");
+    wait_for_metric(
+        gw.admin(),
+        "agent_ollama_admitted_total",
+        &[("phase", "specialized")],
+        1.0,
+    )
+    .await;
+    let text = mesh_tests::metrics::scrape(gw.admin()).await;
+    assert_eq!(
+        mesh_tests::metrics::metric_or_zero(
+            &text,
+            "agent_ollama_admitted_total",
+            &[("phase", "critical")]
+        ),
+        0.0,
+        "the header's claim was not believed"
+    );
+}
