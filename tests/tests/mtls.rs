@@ -64,10 +64,21 @@ async fn mesh_with_b_for(
     lifetime: Duration,
     dir: &std::path::Path,
 ) -> (TestControl, Server, ProxyProcess, u64) {
+    mesh_with_b_policy(initial, lifetime, "", dir).await
+}
+
+/// As [`mesh_with_b_for`], with one more policy file (`b.toml`).
+async fn mesh_with_b_policy(
+    initial: &str,
+    lifetime: Duration,
+    policy: &str,
+    dir: &std::path::Path,
+) -> (TestControl, Server, ProxyProcess, u64) {
     let app = server::echo().run().await;
     let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let control = control::builder()
         .identity(&[("a", TOKEN_A), ("b", TOKEN_B)], lifetime)
+        .policy_file("b.toml", policy)
         .policy_file("identity.toml", &mode(initial))
         .catalog(&catalog(&[("b", "critical", &[placeholder])]))
         .start()
@@ -248,10 +259,16 @@ async fn a_running_mesh_moves_from_permissive_to_strict_without_failed_requests(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_load_without_a_failed_request() {
-    // Certificates of 3 s, renewed every 2 s by both sidecars, in strict mode.
+    // Certificates of 3 s, renewed every 2 s by both sidecars, in strict mode; a dials b over
+    // HTTP/2 (ALPN h2) on one reused connection.
     let dir = tempfile::tempdir().expect("temp dir");
-    let (control, app, b, version) =
-        mesh_with_b_for("strict", Duration::from_secs(3), dir.path()).await;
+    let (control, app, b, version) = mesh_with_b_policy(
+        "strict",
+        Duration::from_secs(3),
+        "[targets.b]\nprotocol = \"http2\"\n",
+        dir.path(),
+    )
+    .await;
     let a = sidecar(&control, "a", TOKEN_A, None, dir.path()).await;
     control.wait_applied(version, 2).await;
     let via_a = client::http1(a.outbound());
