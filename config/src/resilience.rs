@@ -96,8 +96,9 @@ pub struct Retry {
 }
 
 /// A circuit breaker, per target and per endpoint: it opens on consecutive failures or on a
-/// failure ratio over a sliding window, stays open for a cool-down that doubles on each trip
-/// (up to `max_cooldown`), then lets `probes` requests through; their success closes it.
+/// failure ratio over a sliding window, stays open for `cooldown`, then lets `probes` requests
+/// through; their success closes it. After a failed probe it waits `cooldown` again, or half the
+/// time it has been open when that is longer (up to `max_cooldown`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Breaker {

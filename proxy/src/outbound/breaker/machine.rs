@@ -195,6 +195,15 @@ async fn tick(every: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// How long an open breaker waits before its next probe, having been open for `open_for`:
+/// `cooldown` at first and after a probe that failed early in an outage, so one probe sent just
+/// before the upstream came back costs one cool-down, not a doubled one; half the time it has
+/// been open once that is longer, so an upstream that stays down is probed ever more rarely (as
+/// a doubling backoff would), up to `max_cooldown`.
+fn cooldown(p: &Params, open_for: Duration) -> Duration {
+    p.cooldown.max((open_for / 2).min(p.max_cooldown))
+}
+
 /// The owner of a breaker's policies.
 struct Task {
     params: Params,
@@ -210,8 +219,9 @@ impl Task {
         let p = self.params;
         let mut consecutive = p.consecutive.map(ConsecutiveFailures::new);
         let mut ratio = p.ratio.map(|r| FailureRatio::new(r, Instant::now()));
-        // Trips since the breaker last closed: each doubles the cool-down.
-        let mut trips = 0u32;
+        // When the breaker opened, if it has not closed since: failed probes space the next
+        // ones by the time it has been open (see `cooldown`).
+        let mut opened: Option<Instant> = None;
         // Counted successes land in the ratio's bucket of their time, give or take a bucket.
         let mut credit = ratio.as_ref().map(|r| {
             let mut every = tokio::time::interval(r.width());
@@ -247,12 +257,9 @@ impl Task {
                     BreakerState::Open
                 }
                 BreakerState::Open => {
-                    let cooldown = p
-                        .cooldown
-                        .saturating_mul(1u32 << trips.min(16))
-                        .min(p.max_cooldown);
-                    trips = trips.saturating_add(1);
-                    let until = Instant::now() + cooldown;
+                    let now = Instant::now();
+                    let cooldown = cooldown(&p, now - *opened.get_or_insert(now));
+                    let until = now + cooldown;
                     self.gate.reopen_ms.store(
                         until.saturating_duration_since(self.gate.epoch).as_millis() as u64,
                         Relaxed,
@@ -294,7 +301,7 @@ impl Task {
                     };
                     self.gate.probes.store(0, Release);
                     if next == BreakerState::Closed {
-                        trips = 0;
+                        opened = None;
                         if let Some(c) = consecutive.as_mut() {
                             c.reset();
                         }
@@ -426,25 +433,55 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failed_probe_reopens_with_a_doubled_capped_cooldown() {
+    async fn failed_probes_are_spaced_by_the_cooldown_then_by_half_the_outage_capped() {
         let b = Breaker::new(params(), "t", "");
         for _ in 0..3 {
             fail(&b);
         }
         settle().await;
-        let mut expected = [2, 3, 3].into_iter();
+        // Open for 1 s, 2 s, 3 s when each probe fails: the next waits the 1 s cool-down, and
+        // not a doubled one; from 4 s open, half of it (2 s, 3 s); then the 3 s cap.
+        let mut expected = [1000, 1000, 1500, 2250, 3000, 3000].into_iter();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        for _ in 0..3 {
+        for _ in 0..6 {
             settle().await;
             assert_eq!(b.state(), BreakerState::HalfOpen);
             let probe = b.admit().unwrap();
             b.record(probe, Class::Failure);
             settle().await;
             assert_eq!(b.state(), BreakerState::Open);
-            // 1 s, then 2 s, then capped at 3 s.
-            let cooldown = expected.next().unwrap();
-            assert_eq!(b.retry_after(), Duration::from_secs(cooldown));
-            tokio::time::sleep(Duration::from_secs(cooldown)).await;
+            let wait = Duration::from_millis(expected.next().unwrap());
+            // `retry_after` rounds up to whole seconds of at least one.
+            assert_eq!(b.retry_after(), wait.max(Duration::from_secs(1)));
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_back_just_after_a_failed_probe_is_found_one_cooldown_later() {
+        let b = Breaker::new(params(), "t", "");
+        for _ in 0..3 {
+            fail(&b);
+        }
+        settle().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+        // The probe fails just before the upstream is back.
+        b.record(b.admit().unwrap(), Class::Failure);
+        settle().await;
+        // One cool-down later the probes pass and the breaker closes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
+        succeed_probes(&b, 2);
+        settle().await;
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    fn succeed_probes(b: &Breaker, n: usize) {
+        for _ in 0..n {
+            let probe = b.admit().expect("a probe");
+            assert_eq!(probe, Admit::Probe);
+            b.record(probe, Class::Success);
         }
     }
 
