@@ -125,6 +125,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         service: outbound::stack(&boot, state.clone(), pools.clone()),
         detect_timeout,
         tls: None,
+        close_idle_after: boot.drain.close_idle_after,
     };
     tokio::spawn(outbound.run(watch.clone()));
     for (service, listener) in upstream_ls {
@@ -135,6 +136,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             service: outbound::upstream_stack(&boot, &service, state.clone(), pools.clone()),
             detect_timeout,
             tls: None,
+            close_idle_after: boot.drain.close_idle_after,
         };
         tokio::spawn(upstream.run(watch.clone()));
     }
@@ -161,6 +163,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             ),
             detect_timeout,
             tls: tls.clone(),
+            close_idle_after: boot.drain.close_idle_after,
         };
         tokio::spawn(inbound.run(watch.clone()));
         let probe = Arc::new(AppProbe::default());

@@ -35,6 +35,8 @@ pub struct ProxyBody {
     inner: Inner,
     bytes: u64,
     permit: Option<OwnedSemaphorePermit>,
+    /// The calling address's place at the inbound limit, held with `permit`.
+    client: Option<crate::inbound::clients::ClientPermit>,
     record: Option<AccessRecord>,
     on_end: Option<OnEnd>,
     /// The upstream connection, returned to its pool when the body ends.
@@ -98,6 +100,7 @@ impl ProxyBody {
             inner,
             bytes: 0,
             permit: None,
+            client: None,
             record: None,
             on_end: None,
             conn: None,
@@ -131,6 +134,11 @@ impl ProxyBody {
         self.permit = Some(permit);
     }
 
+    /// Holds the calling address's place at the inbound limit until the body ends or is dropped.
+    pub fn hold_client(&mut self, client: crate::inbound::clients::ClientPermit) {
+        self.client = Some(client);
+    }
+
     /// Calls `f` when the body ends or is dropped (a gateway slot is released there).
     pub fn on_end(&mut self, f: impl FnOnce(Option<&'static str>) + Send + Sync + 'static) {
         self.on_end = Some(OnEnd(Box::new(f)));
@@ -155,6 +163,7 @@ impl ProxyBody {
 
     fn end(&mut self, error: Option<&'static str>) {
         self.permit = None;
+        self.client = None;
         self.conn = None;
         if self.settle.iter().any(Option::is_some) {
             let class = Settle::class(error, self.inner_is_end());

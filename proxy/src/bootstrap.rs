@@ -123,6 +123,9 @@ pub struct Inbound {
     pub app: SocketAddr,
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
+    /// Share of `max_concurrency` one client address may hold (0 < share <= 1).
+    #[serde(default = "default_max_client_share")]
+    pub max_client_share: f64,
     #[serde(default = "default_queue_depth")]
     pub queue_depth: usize,
     #[serde(with = "humantime_serde", default = "default_queue_timeout")]
@@ -169,6 +172,10 @@ pub struct SnapshotSource {
 pub struct Drain {
     #[serde(with = "humantime_serde", default = "default_grace")]
     pub grace: Duration,
+    /// Once draining, a connection with no request open is closed after this, whether or not
+    /// its peer has answered GOAWAY and PING (Envoy's `drain_timeout`).
+    #[serde(with = "humantime_serde", default = "default_close_idle_after")]
+    pub close_idle_after: Duration,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -198,6 +205,22 @@ pub struct Limits {
     pub max_header_bytes: usize,
     #[serde(with = "humantime_serde", default = "default_header_read_timeout")]
     pub header_read_timeout: Duration,
+    /// Time a caller has to send a request body of declared length, plus a second for every
+    /// `body_min_rate` bytes it sends (`upload.rs`).
+    #[serde(with = "humantime_serde", default = "default_body_timeout")]
+    pub body_timeout: Duration,
+    /// Bytes a second.
+    #[serde(default = "default_body_min_rate")]
+    pub body_min_rate: u64,
+}
+
+impl Limits {
+    pub fn upload(&self) -> crate::upload::UploadLimits {
+        crate::upload::UploadLimits {
+            timeout: self.body_timeout,
+            min_rate: self.body_min_rate,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -250,10 +273,16 @@ impl Bootstrap {
         if self.inbound.max_concurrency == 0 {
             return fail("inbound.max_concurrency: must be at least 1");
         }
+        if !(self.inbound.max_client_share > 0.0 && self.inbound.max_client_share <= 1.0) {
+            return fail("inbound.max_client_share: must be above 0 and at most 1");
+        }
         if self.inbound.timeout.is_zero() || self.inbound.stream_idle_timeout.is_zero() {
             return fail(
                 "inbound.timeout and inbound.stream_idle_timeout: must be greater than zero",
             );
+        }
+        if self.limits.body_timeout.is_zero() || self.limits.body_min_rate == 0 {
+            return fail("limits.body_timeout and limits.body_min_rate: must be greater than zero");
         }
         if self.limits.max_header_bytes < 8192 {
             return fail("limits.max_header_bytes: must be at least 8192");
@@ -315,6 +344,7 @@ impl Default for Inbound {
             protocol: AppProtocol::Auto,
             app: default_app(),
             max_concurrency: default_max_concurrency(),
+            max_client_share: default_max_client_share(),
             queue_depth: default_queue_depth(),
             queue_timeout: default_queue_timeout(),
             timeout: default_inbound_timeout(),
@@ -336,6 +366,7 @@ impl Default for Drain {
     fn default() -> Self {
         Self {
             grace: default_grace(),
+            close_idle_after: default_close_idle_after(),
         }
     }
 }
@@ -354,6 +385,8 @@ impl Default for Limits {
         Self {
             max_header_bytes: default_max_header_bytes(),
             header_read_timeout: default_header_read_timeout(),
+            body_timeout: default_body_timeout(),
+            body_min_rate: default_body_min_rate(),
         }
     }
 }
@@ -379,6 +412,9 @@ fn default_app() -> SocketAddr {
 }
 fn default_max_concurrency() -> usize {
     256
+}
+fn default_max_client_share() -> f64 {
+    0.5
 }
 fn default_queue_depth() -> usize {
     1024
@@ -407,6 +443,9 @@ fn default_check_interval() -> Duration {
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
+fn default_close_idle_after() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_log_level() -> String {
     "info".into()
 }
@@ -418,6 +457,12 @@ fn default_max_header_bytes() -> usize {
 }
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_body_min_rate() -> u64 {
+    1024
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(1)

@@ -16,6 +16,8 @@ pub enum ProxyError {
     NoAuthority,
     #[error("malformed request: {reason}")]
     Malformed { reason: &'static str },
+    #[error("not implemented: {reason}")]
+    NotImplemented { reason: &'static str },
     #[error("{target} has no endpoints")]
     NoEndpoints { target: String },
     #[error("upstream {target} unavailable: {reason}")]
@@ -39,6 +41,9 @@ pub enum ProxyError {
     },
     #[error("request body for {target} could not be read: {reason}")]
     RequestBody { target: String, reason: String },
+    /// The caller sent its body too slowly (`upload.rs`): its fault, 408.
+    #[error("request body for {target} arrived too slowly: {reason}")]
+    BodyTimeout { target: String, reason: String },
     #[error("{target} refused the request: {reason}")]
     BadRequest { target: String, reason: String },
     #[error("request body for {target} is larger than {limit} bytes")]
@@ -67,7 +72,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => "no_route",
             ProxyError::NoAuthority => "no_authority",
-            ProxyError::Malformed { .. } => "bad_request",
+            ProxyError::Malformed { .. } | ProxyError::NotImplemented { .. } => "bad_request",
             ProxyError::NoEndpoints { .. } => "no_endpoints",
             ProxyError::Unavailable { .. } => "upstream_unavailable",
             ProxyError::UpstreamFailed { .. } => "upstream_failed",
@@ -76,6 +81,7 @@ impl ProxyError {
             ProxyError::Draining => "draining",
             ProxyError::BreakerOpen { .. } => "breaker_open",
             ProxyError::RequestBody { .. } => "request_body",
+            ProxyError::BodyTimeout { .. } => "request_body_timeout",
             ProxyError::BadRequest { .. } | ProxyError::TooLarge { .. } => "bad_request",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Queue {
@@ -98,8 +104,10 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Overloaded { .. } | ProxyError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             ProxyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited { .. }
             | ProxyError::Queue {
@@ -118,12 +126,16 @@ impl ProxyError {
             | ProxyError::Timeout { target, .. }
             | ProxyError::Overloaded { target, .. }
             | ProxyError::BreakerOpen { target, .. }
-            | ProxyError::RequestBody { target, .. } => Some(target),
+            | ProxyError::RequestBody { target, .. }
+            | ProxyError::BodyTimeout { target, .. } => Some(target),
             ProxyError::BadRequest { target, .. }
             | ProxyError::TooLarge { target, .. }
             | ProxyError::RateLimited { target, .. }
             | ProxyError::Queue { target, .. } => Some(target),
-            ProxyError::NoAuthority | ProxyError::Malformed { .. } | ProxyError::Draining => None,
+            ProxyError::NoAuthority
+            | ProxyError::Malformed { .. }
+            | ProxyError::NotImplemented { .. }
+            | ProxyError::Draining => None,
         }
     }
 
@@ -151,7 +163,9 @@ impl ProxyError {
             } => grpc::Code::ResourceExhausted,
             ProxyError::NoAuthority
             | ProxyError::Malformed { .. }
+            | ProxyError::NotImplemented { .. }
             | ProxyError::RequestBody { .. }
+            | ProxyError::BodyTimeout { .. }
             | ProxyError::BadRequest { .. } => grpc::Code::Internal,
             ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoints { .. }

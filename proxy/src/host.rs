@@ -2,7 +2,8 @@
 //! with more than one `Host` is refused (RFC 9112 3.2, as nginx answers), and when the target
 //! URI carries an authority (HTTP/2 `:authority`, or HTTP/1.1 absolute form) a `Host` that
 //! disagrees is replaced by it (RFC 9113 8.3.1, RFC 9112 3.2.2), so the next hop and the app
-//! see the authority that routed the request.
+//! see the authority that routed the request. `CONNECT` is answered 501: the mesh opens no
+//! tunnels.
 
 use crate::errors::ProxyError;
 use http::{header, HeaderValue, Request};
@@ -20,6 +21,13 @@ pub struct Named<'a> {
 /// caller gets.
 #[inline]
 pub fn inspect<B>(req: &Request<B>) -> Result<Named<'_>, ProxyError> {
+    if req.method() == http::Method::CONNECT {
+        // A tunnel to wherever the caller names: the mesh forwards requests, it opens no
+        // tunnels (and an origin-form `CONNECT /` would mean nothing to the app).
+        return Err(ProxyError::NotImplemented {
+            reason: "CONNECT tunnels are not offered",
+        });
+    }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -62,6 +70,12 @@ pub fn check<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connect_is_not_implemented() {
+        let mut req = Request::connect("b:80").body(()).unwrap();
+        assert_eq!(check(&mut req).unwrap_err().status(), 501);
+    }
 
     #[test]
     fn two_hosts_are_refused() {

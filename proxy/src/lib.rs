@@ -24,3 +24,4 @@ pub mod refusal;
 pub mod serve;
 pub mod snapshot_file;
 pub mod state;
+pub mod upload;

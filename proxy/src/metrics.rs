@@ -56,7 +56,7 @@ const COMMON_STATUS: [u16; 19] = [
 ];
 
 /// Error kinds counted in `agent_errors_total{kind}`: a closed set.
-pub const ERROR_KINDS: [&str; 16] = [
+pub const ERROR_KINDS: [&str; 17] = [
     "no_route",
     "no_authority",
     "no_endpoints",
@@ -71,6 +71,7 @@ pub const ERROR_KINDS: [&str; 16] = [
     "upstream_status",
     "breaker_open",
     "request_body",
+    "request_body_timeout",
     "bad_request",
     "rate_limited",
 ];

@@ -49,6 +49,8 @@ pub struct Route {
     pub timeout: Duration,
     /// The route opts its non-idempotent requests into the backend's retries.
     pub retry_non_idempotent: bool,
+    /// Inbound: the calling address, held to its share of the concurrency limit.
+    pub client: Option<Arc<crate::inbound::clients::Client>>,
 }
 
 /// A compiled snapshot: lookups by normalized authority.
@@ -81,6 +83,7 @@ impl RouteTable {
                         backend: rule.backend.clone(),
                         timeout: rule.timeout,
                         retry_non_idempotent: rule.retry_non_idempotent,
+                        client: None,
                     });
                 }
             }
@@ -89,6 +92,7 @@ impl RouteTable {
             backend: b.clone(),
             timeout: b.timeout,
             retry_non_idempotent: false,
+            client: None,
         })
     }
 }

@@ -4,6 +4,9 @@
 //! processed and may be sent again). Every later stream is answered `200` with no body.
 //!
 //! Dropping a [`Peer`] aborts its accept loop and every connection it accepted.
+//!
+//! [`DeafClient`] is the other side: a client that opens an HTTP/2 connection and then answers
+//! nothing, neither the server's SETTINGS nor its PING nor its GOAWAY.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +28,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const ACK: u8 = 0x1;
 const END_STREAM: u8 = 0x1;
@@ -121,6 +125,40 @@ async fn serve(mut io: TcpStream, refusal: Refusal, counts: Arc<Counts>) {
         if io.write_all(&reply).await.is_err() {
             return;
         }
+    }
+}
+
+/// A client that sends the preface and an empty SETTINGS, then only reads.
+pub struct DeafClient {
+    io: TcpStream,
+}
+
+/// What a [`DeafClient`] saw the server send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    GoAway,
+    Ping,
+    Other(u8),
+}
+
+impl DeafClient {
+    pub async fn connect(addr: SocketAddr) -> DeafClient {
+        let mut io = TcpStream::connect(addr).await.expect("connect");
+        io.write_all(PREFACE).await.expect("write the preface");
+        io.write_all(&frame(SETTINGS, 0, 0, &[]))
+            .await
+            .expect("write SETTINGS");
+        DeafClient { io }
+    }
+
+    /// The next frame's kind, or `None` once the server has closed the connection.
+    pub async fn next(&mut self) -> Option<Seen> {
+        let (kind, _, _) = read_frame(&mut self.io).await.ok()?;
+        Some(match kind {
+            GOAWAY => Seen::GoAway,
+            PING => Seen::Ping,
+            other => Seen::Other(other),
+        })
     }
 }
 

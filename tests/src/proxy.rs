@@ -36,6 +36,7 @@ pub struct Builder {
     queue_depth: u32,
     queue_timeout: String,
     grace: String,
+    close_idle_after: Option<String>,
     poll_interval: String,
     /// Bootstrap sections appended verbatim (e.g. `[control]`, `[consul]`).
     extra: String,
@@ -78,6 +79,7 @@ pub fn builder() -> Builder {
         queue_depth: 256,
         queue_timeout: "1s".to_owned(),
         grace: "30s".to_owned(),
+        close_idle_after: None,
         poll_interval: "20ms".to_owned(),
         extra: String::new(),
     }
@@ -155,6 +157,12 @@ impl Builder {
         self
     }
 
+    /// Once draining, how long a connection with no request open may stay (`drain.close_idle_after`).
+    pub fn close_idle_after(mut self, after: &str) -> Self {
+        self.close_idle_after = Some(after.to_owned());
+        self
+    }
+
     /// The bootstrap TOML for a proxy whose snapshot file is `snapshot_path`.
     pub fn bootstrap_toml(&self, snapshot_path: &Path) -> String {
         let mut out = format!(
@@ -184,6 +192,9 @@ impl Builder {
             self.poll_interval,
             self.grace
         ));
+        if let Some(after) = &self.close_idle_after {
+            out.push_str(&format!("close_idle_after = {after:?}\n"));
+        }
         out.push_str(&self.extra);
         out
     }

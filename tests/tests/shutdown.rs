@@ -1,9 +1,12 @@
 //! The real binary under SIGTERM: it stops accepting at once, reports not-ready, lets requests
-//! in flight finish, and exits 0; a second SIGTERM ends it without waiting.
+//! in flight finish, and exits 0; a second SIGTERM ends it without waiting. Connections with
+//! nothing in flight never hold the drain: not a silent one, not an HTTP/2 peer deaf to PING.
 //!
 //! Needs `target/<profile>/mesh-proxy`: run `cargo build -p mesh-proxy` first.
 
 use mesh_tests::client;
+use mesh_tests::h2_peer::{DeafClient, Seen};
+use mesh_tests::metrics::wait_for_metric;
 use mesh_tests::proxy::{self, ProxyProcess};
 use mesh_tests::server::{self, Server, SERVED_BY};
 use mesh_tests::snapshot::{service, snapshot};
@@ -134,4 +137,55 @@ async fn second_sigterm_exits_without_waiting_for_the_drain() {
         outcome.as_ref().map_or(true, |s| *s != 200),
         "the held request got {outcome:?} although its upstream never answered"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_answers_ping_does_not_hold_the_drain() {
+    let up = server::fixed(200, "ok").label("b").run().await;
+    let snap = snapshot(1).service(service("b").endpoint(up.addr()));
+    let mut proxy = proxy::builder()
+        .agent("a")
+        .snapshot(snap.to_toml())
+        .grace("30s")
+        .close_idle_after("1s")
+        .spawn()
+        .await;
+    let mut deaf = DeafClient::connect(proxy.outbound()).await;
+    // The server's SETTINGS: hyper is serving the connection.
+    let first = bounded("the server's SETTINGS", deaf.next()).await;
+    assert_eq!(first, Some(Seen::Other(0x4)));
+
+    proxy.sigterm();
+    // GOAWAY and PING go out; the PING is never answered, and the proxy closes the connection
+    // anyway, long before the 30 s grace.
+    let mut seen = Vec::new();
+    while let Some(frame) = bounded("the proxy to close the deaf connection", deaf.next()).await {
+        seen.push(frame);
+    }
+    assert!(
+        seen.contains(&Seen::GoAway),
+        "frames after SIGTERM: {seen:?}"
+    );
+    assert!(seen.contains(&Seen::Ping), "frames after SIGTERM: {seen:?}");
+    let status = proxy.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_delay_exit() {
+    let up = server::fixed(200, "ok").label("b").run().await;
+    let mut proxy = spawn_proxy_to(&up, "30s").await;
+    // Connected and accepted, but not a byte sent (the head timeout is 10 s).
+    let _silent = TcpStream::connect(proxy.outbound()).await.unwrap();
+    wait_for_metric(
+        proxy.admin(),
+        "agent_connections_total",
+        &[("listener", "outbound")],
+        1.0,
+    )
+    .await;
+
+    proxy.sigterm();
+    let status = proxy.wait_exit(Duration::from_secs(3)).await;
+    assert_eq!(status.code(), Some(0), "exit status {status}");
 }

@@ -28,6 +28,16 @@ pub struct Authorize<S> {
 
 // === impl Authorize ===
 
+impl<S: crate::serve::ForPeer> crate::serve::ForPeer for Authorize<S> {
+    fn for_peer(&self, peer: std::net::SocketAddr) -> Self {
+        Self {
+            inner: self.inner.for_peer(peer),
+            state: self.state.clone(),
+            target: self.target.clone(),
+        }
+    }
+}
+
 impl<S> Authorize<S> {
     pub fn new(inner: S, state: Arc<State>, target: &str) -> Self {
         Self {

@@ -35,6 +35,15 @@ impl<S> CallerIdentity<S> {
     }
 }
 
+impl<S: crate::serve::ForPeer> crate::serve::ForPeer for CallerIdentity<S> {
+    fn for_peer(&self, peer: std::net::SocketAddr) -> Self {
+        Self {
+            inner: self.inner.for_peer(peer),
+            identity: self.identity.clone(),
+        }
+    }
+}
+
 impl<S> tower::Service<Request<Incoming>> for CallerIdentity<S>
 where
     S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,

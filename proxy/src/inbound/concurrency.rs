@@ -1,16 +1,19 @@
 //! Bounds the requests the local app handles at once. Beyond the limit, requests wait in a
 //! bounded FIFO queue for a bounded time; a full queue or a long wait answers 503 with
-//! `Retry-After`. A slot is held until the response body ends, so streams count.
+//! `Retry-After`. A slot is held until the response body ends, so streams count. One client
+//! address holds at most `max_client_share` of the slots (`clients.rs`): beyond it, its
+//! requests wait in the queue even while slots are free, which keeps the rest for others.
 
 use crate::body::ProxyBody;
 use crate::bootstrap::Inbound;
 use crate::errors::ProxyError;
+use crate::inbound::clients::ClientPermit;
 use crate::metrics;
 use crate::state::Route;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -29,6 +32,9 @@ struct Limiter {
     queue_depth: usize,
     queue_timeout: Duration,
     depth_gauge: ::metrics::Gauge,
+    /// Share of the limit one client address may hold, and that share in slots.
+    client_share: f64,
+    per_client: AtomicU32,
 }
 
 #[derive(Clone, Debug)]
@@ -62,6 +68,8 @@ impl ConcurrencyLayer {
                 queue_depth: cfg.queue_depth,
                 queue_timeout: cfg.queue_timeout,
                 depth_gauge: ::metrics::gauge!(metrics::INBOUND_QUEUE_DEPTH),
+                client_share: cfg.max_client_share,
+                per_client: AtomicU32::new(per_client(cfg.max_concurrency, cfg.max_client_share)),
             }),
         }
     }
@@ -103,6 +111,9 @@ impl Resize {
             tracing::info!(from = *size, to = limit, "inbound concurrency resized");
         }
         *size = limit;
+        self.0
+            .per_client
+            .store(per_client(limit, self.0.client_share), Ordering::Relaxed);
         ::metrics::gauge!(INBOUND_CONCURRENCY_LIMIT).set(limit as f64);
     }
 
@@ -128,6 +139,11 @@ impl Resize {
             }
         }
     }
+}
+
+/// Slots one client address may hold: its share of `limit`, at least one.
+fn per_client(limit: usize, share: f64) -> u32 {
+    ((limit as f64 * share).ceil() as u32).max(1)
 }
 
 impl<S> tower::Layer<S> for ConcurrencyLayer {
@@ -159,17 +175,22 @@ where
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let limiter = self.limiter.clone();
-        if let Ok(permit) = limiter.slots.clone().try_acquire_owned() {
-            let fut = self.inner.call(req);
-            return Box::pin(async move {
-                let mut rsp = fut.await?;
-                rsp.body_mut().hold_permit(permit);
-                Ok(rsp)
-            });
+        let route = req.extensions().get::<Route>();
+        let client = route.and_then(|r| r.client.clone());
+        let per_client = limiter.per_client.load(Ordering::Relaxed);
+        // The address's place first: without it, a free slot is not this request's to take.
+        let place = client.as_ref().map(|c| c.try_take(per_client));
+        if !matches!(place, Some(None)) {
+            if let Ok(permit) = limiter.slots.clone().try_acquire_owned() {
+                let fut = self.inner.call(req);
+                return Box::pin(async move {
+                    let mut rsp = fut.await?;
+                    hold(rsp.body_mut(), permit, place.flatten());
+                    Ok(rsp)
+                });
+            }
         }
-        let target = req
-            .extensions()
-            .get::<Route>()
+        let target = route
             .map(|r| r.backend.name.to_string())
             .unwrap_or_default();
         let mut inner = self.inner.clone();
@@ -184,9 +205,16 @@ where
                     retry_after: Duration::from_secs(1),
                 });
             }
-            let wait = limiter.slots.clone().acquire_owned();
-            let permit = match tokio::time::timeout(limiter.queue_timeout, wait).await {
-                Ok(Ok(permit)) => permit,
+            let wait = async {
+                let place = match (place.flatten(), &client) {
+                    (Some(p), _) => Some(p),
+                    (None, Some(c)) => Some(c.take(per_client).await),
+                    (None, None) => None,
+                };
+                (limiter.slots.clone().acquire_owned().await, place)
+            };
+            let (permit, place) = match tokio::time::timeout(limiter.queue_timeout, wait).await {
+                Ok((Ok(permit), place)) => (permit, place),
                 _ => {
                     return Err(ProxyError::Overloaded {
                         target,
@@ -197,9 +225,21 @@ where
             };
             drop(queued);
             let mut rsp = inner.ready().await?.call(req).await?;
-            rsp.body_mut().hold_permit(permit);
+            hold(rsp.body_mut(), permit, place);
             Ok(rsp)
         })
+    }
+}
+
+/// The slot and the address's place live as long as the response body.
+fn hold(
+    body: &mut ProxyBody,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    place: Option<ClientPermit>,
+) {
+    body.hold_permit(permit);
+    if let Some(place) = place {
+        body.hold_client(place);
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod authz;
 pub mod caller;
+pub mod clients;
 pub mod concurrency;
 pub mod ollama;
 pub mod target;
@@ -71,7 +72,7 @@ fn app_stack(
         .layer(limit)
         .layer(DeadlineLayer)
         .layer(TimeoutLayer)
-        .service(Forward::new(pools))
+        .service(Forward::new(pools).upload_limits(boot.limits.upload()))
 }
 
 impl tower::Service<Request<Incoming>> for Stack {

@@ -7,6 +7,7 @@
 use crate::access_log;
 use crate::body::ProxyBody;
 use crate::bootstrap::{AppProtocol, Bootstrap};
+use crate::inbound::clients::{Client, Clients};
 use crate::metrics::TargetMetrics;
 use crate::outbound::balance::{Endpoint, EndpointSet};
 use crate::state::{Backend, Route};
@@ -22,6 +23,7 @@ use std::task::{Context, Poll};
 pub struct LocalTargetLayer {
     routes: Routes,
     log: bool,
+    clients: Arc<Clients>,
 }
 
 #[derive(Clone, Debug)]
@@ -29,6 +31,9 @@ pub struct LocalTarget<S> {
     inner: S,
     routes: Routes,
     log: bool,
+    clients: Arc<Clients>,
+    /// The connection's client address (set per connection by [`LocalTarget::for_peer`]).
+    client: Option<Arc<Client>>,
 }
 
 /// The app's route for most requests, and the h2c one gRPC calls take under `auto`.
@@ -57,6 +62,7 @@ impl LocalTargetLayer {
             Route {
                 timeout: backend.timeout,
                 retry_non_idempotent: false,
+                client: None,
                 backend: Arc::new(backend),
             }
         };
@@ -77,6 +83,7 @@ impl LocalTargetLayer {
         Self {
             routes,
             log: boot.log.access,
+            clients: Arc::default(),
         }
     }
 
@@ -93,7 +100,18 @@ impl<S> tower::Layer<S> for LocalTargetLayer {
             inner,
             routes: self.routes.clone(),
             log: self.log,
+            clients: self.clients.clone(),
+            client: None,
         }
+    }
+}
+
+impl<S: Clone> LocalTarget<S> {
+    /// The service for one connection from `peer`: its requests count against the address.
+    pub fn for_peer(&self, peer: std::net::SocketAddr) -> Self {
+        let mut svc = self.clone();
+        svc.client = Some(self.clients.get(peer.ip()));
+        svc
     }
 }
 
@@ -115,10 +133,11 @@ where
     }
 
     fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
-        let route = match &self.routes.grpc {
+        let mut route = match &self.routes.grpc {
             Some(grpc) if crate::grpc::is_grpc(&req) => grpc.clone(),
             _ => self.routes.default.clone(),
         };
+        route.client = self.client.clone();
         if let Err(err) = crate::host::check(&mut req) {
             let metrics = route.backend.metrics.clone();
             let rsp = access_log::reject("inbound", metrics, &req, err, self.log);

@@ -13,6 +13,7 @@ use crate::outbound::retry::{Tried, TryDeadline};
 use crate::outbound::settle::Settle;
 use crate::outbound::tee::TeeError;
 use crate::state::{Backend, Route};
+use crate::upload::UploadLimits;
 use futures_util::future::BoxFuture;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
@@ -28,11 +29,21 @@ use tokio::time::Instant;
 #[derive(Clone, Debug)]
 pub struct Forward {
     pools: Arc<Pools>,
+    upload: Option<UploadLimits>,
 }
 
 impl Forward {
     pub fn new(pools: Arc<Pools>) -> Self {
-        Self { pools }
+        Self {
+            pools,
+            upload: None,
+        }
+    }
+
+    /// Times callers' request bodies of declared length (`upload.rs`).
+    pub fn upload_limits(mut self, limits: UploadLimits) -> Self {
+        self.upload = Some(limits);
+        self
     }
 }
 
@@ -96,7 +107,10 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let mut req = req.map(Into::into);
+        let mut req: Request<RequestBody> = req.map(Into::into);
+        if let Some(limits) = self.upload {
+            req.body_mut().time_upload(limits);
+        }
         let Some(route) = req.extensions_mut().remove::<Route>() else {
             return Box::pin(async { Err(ProxyError::NoAuthority) });
         };
@@ -175,6 +189,13 @@ where
                     let backend = &attempt.backend;
                     let target = backend.name.to_string();
                     let reason = error_chain(&e);
+                    if let Some(slow) = too_slow(&e) {
+                        // The caller's upload did not keep its minimum pace: a 408, nothing
+                        // held against the endpoint.
+                        attempt.finish(Class::Cancelled);
+                        let reason = slow.to_string();
+                        return Err(ProxyError::BodyTimeout { target, reason });
+                    }
                     if caller_body_failed(&e) {
                         // The caller's own body broke (bad framing, the caller left): nothing
                         // to hold against the endpoint, and a 400 for the caller.
@@ -277,8 +298,10 @@ fn rewrite<B>(
     let mut parts = http::uri::Parts::default();
     match protocol {
         Protocol::Http1 => {
-            if let (false, Some(authority)) = (req.headers().contains_key(header::HOST), &authority)
-            {
+            if !req.headers().contains_key(header::HOST) {
+                // HTTP/1.1 requires a Host: an HTTP/1.0 caller's request without one gets the
+                // endpoint's.
+                let authority = authority.as_ref().unwrap_or(endpoint);
                 if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
                     req.headers_mut().insert(header::HOST, host);
                 }
@@ -422,7 +445,10 @@ fn never_sent(e: &(dyn std::error::Error + 'static)) -> bool {
 fn caller_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut src = Some(e);
     while let Some(err) = src {
-        if matches!(err.downcast_ref::<BodyError>(), Some(TeeError::Source(_))) {
+        if matches!(
+            err.downcast_ref::<BodyError>(),
+            Some(TeeError::Source(_) | TeeError::TooSlow(_))
+        ) {
             return true;
         }
         // Over HTTP/2 hyper does not pass the body's error on: it resets the stream itself
@@ -435,6 +461,18 @@ fn caller_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
         src = err.source();
     }
     false
+}
+
+/// The caller's body was cut for its pace (see `upload.rs`).
+fn too_slow<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a crate::upload::TooSlow> {
+    let mut src = Some(e);
+    while let Some(err) = src {
+        if let Some(TeeError::TooSlow(slow)) = err.downcast_ref::<BodyError>() {
+            return Some(slow);
+        }
+        src = err.source();
+    }
+    None
 }
 
 /// `REFUSED_STREAM` from the peer, or the peer's GOAWAY naming a last stream below this one:

@@ -77,5 +77,5 @@ fn stack_with(
         .layer(timeout::TimeoutLayer)
         .layer(breaker::BreakerLayer::new(state))
         .layer(retry::RetryLayer)
-        .service(forward::Forward::new(pools))
+        .service(forward::Forward::new(pools).upload_limits(boot.limits.upload()))
 }

@@ -3,6 +3,7 @@
 //! kept at once (`tee.rs`).
 
 use crate::outbound::tee::{TeeBody, TeeError};
+use crate::upload::{UploadClock, UploadLimits};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -17,7 +18,8 @@ pub type BodyError = TeeError<hyper::Error>;
 /// bound.
 #[derive(Debug)]
 pub enum RequestBody {
-    Stream(Incoming),
+    /// The caller's body as it arrives, timed by its upload clock (`upload.rs`).
+    Stream(Incoming, UploadClock),
     /// One attempt of a body streamed and kept for replay at once.
     Tee(TeeBody<Incoming>),
     /// Cloning the `Bytes` is a reference count, so each attempt sends the same buffer.
@@ -34,11 +36,20 @@ impl RequestBody {
             trailers,
         }
     }
+
+    /// Times a streamed body of declared length against `limits`.
+    pub fn time_upload(&mut self, limits: UploadLimits) {
+        if let RequestBody::Stream(body, clock) = self {
+            if !body.is_end_stream() {
+                *clock = UploadClock::new(limits, body.size_hint().exact());
+            }
+        }
+    }
 }
 
 impl From<Incoming> for RequestBody {
     fn from(body: Incoming) -> Self {
-        RequestBody::Stream(body)
+        RequestBody::Stream(body, UploadClock::default())
     }
 }
 
@@ -51,7 +62,19 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx).map_err(TeeError::Source),
+            RequestBody::Stream(b, clock) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Some(data) = frame.data_ref() {
+                        clock.received(data.len());
+                    }
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(other) => Poll::Ready(other.map(|r| r.map_err(TeeError::Source))),
+                Poll::Pending => match clock.poll_expired(cx) {
+                    Some(slow) => Poll::Ready(Some(Err(TeeError::TooSlow(slow)))),
+                    None => Poll::Pending,
+                },
+            },
             RequestBody::Tee(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Replay { data, trailers } => Poll::Ready(
                 data.take()
@@ -63,7 +86,7 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream(b) => b.is_end_stream(),
+            RequestBody::Stream(b, _) => b.is_end_stream(),
             RequestBody::Tee(b) => b.is_end_stream(),
             RequestBody::Replay { data, trailers } => data.is_none() && trailers.is_none(),
         }
@@ -71,7 +94,7 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream(b) => b.size_hint(),
+            RequestBody::Stream(b, _) => b.size_hint(),
             RequestBody::Tee(b) => b.size_hint(),
             RequestBody::Replay { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |b| b.len() as u64))

@@ -106,8 +106,10 @@ where
             );
             return Either::Right(future::ready(Ok(rsp)));
         };
-        let name = lowercase(normalize_authority(authority));
-        match table.route(&name, req.uri().path(), req.headers()) {
+        // Host names are case-insensitive, the `.mesh` suffix included (`B.MESH` is `b`).
+        let lower = lowercase(authority);
+        let name = normalize_authority(&lower);
+        match table.route(name, req.uri().path(), req.headers()) {
             Some(route) => {
                 if misaligned {
                     host::align(&mut req);
@@ -118,7 +120,7 @@ where
             }
             None => {
                 let err = ProxyError::NoRoute {
-                    target: name.into_owned(),
+                    target: name.to_owned(),
                 };
                 let rsp =
                     access_log::reject("outbound", table.unrouted.clone(), &req, err, self.log);

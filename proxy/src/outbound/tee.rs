@@ -38,6 +38,8 @@ pub enum TeeError<E> {
     Source(E),
     /// A later attempt took over the body.
     Superseded,
+    /// The caller sent its body too slowly (`upload.rs`).
+    TooSlow(crate::upload::TooSlow),
 }
 
 #[derive(Debug)]
@@ -216,6 +218,7 @@ impl<E: fmt::Display> fmt::Display for TeeError<E> {
         match self {
             TeeError::Source(e) => write!(f, "request body: {e}"),
             TeeError::Superseded => f.write_str("a later attempt took over the request body"),
+            TeeError::TooSlow(e) => fmt::Display::fmt(e, f),
         }
     }
 }
@@ -224,7 +227,7 @@ impl<E: std::error::Error + 'static> std::error::Error for TeeError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             TeeError::Source(e) => Some(e),
-            TeeError::Superseded => None,
+            TeeError::Superseded | TeeError::TooSlow(_) => None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Bounds the wait for a response head by the request's [`Deadline`] (the route's timeout, or
-//! less when the caller asked for less), across every attempt; a timeout answers 504. Streamed
-//! bodies are not cut: a long LLM stream that started in time runs to its end.
+//! less when the caller asked for less), across every attempt; a timeout answers 504. A budget
+//! of zero (`x-mesh-timeout-ms: 0`) is a deadline already passed: 504 at once, nothing sent.
+//! Streamed bodies are not cut: a long LLM stream that started in time runs to its end.
 
 use crate::body::ProxyBody;
 use crate::errors::ProxyError;
@@ -48,6 +49,13 @@ where
             Some(d) => (d.at, d.budget),
             None => (tokio::time::Instant::now() + route.timeout, route.timeout),
         };
+        if timeout.is_zero() {
+            // `x-mesh-timeout-ms: 0`: the caller's deadline has passed; nothing is sent.
+            return Box::pin(std::future::ready(Err(ProxyError::Timeout {
+                target: target.to_string(),
+                timeout,
+            })));
+        }
         let fut = self.inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout_at(at, fut).await {

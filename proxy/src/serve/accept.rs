@@ -1,4 +1,6 @@
 use super::detect::{detect, Detected};
+use super::for_peer::ForPeer;
+use super::in_flight::{Counted, Requests};
 use super::peer::PeerService;
 use crate::bootstrap::Limits;
 use crate::drain::Watch;
@@ -38,7 +40,9 @@ pub fn server_builder(limits: &Limits) -> Arc<ServerBuilder> {
 }
 
 /// An accept loop for one listener. Stops accepting (closing the socket, so new connects are
-/// refused) when the drain starts; each connection then finishes its requests and closes.
+/// refused) when the drain starts; each connection then finishes its requests and closes. A
+/// connection that has sent nothing yet closes at once; one with no request open closes within
+/// `close_idle_after` even when its peer ignores GOAWAY and PING.
 pub struct Accept<S> {
     pub name: &'static str,
     pub listener: TcpListener,
@@ -48,11 +52,17 @@ pub struct Accept<S> {
     /// With an identity, the listener also answers mutual TLS and tells the service who
     /// called on each request (see [`super::Caller`]).
     pub tls: Option<Arc<Identity>>,
+    pub close_idle_after: Duration,
 }
+
+/// After a drain has closed a connection's last request, how long hyper may go on writing
+/// what it still buffers before the connection is dropped.
+const FLUSH: Duration = Duration::from_secs(1);
 
 impl<S, B> Accept<S>
 where
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + ForPeer
         + Clone
         + Send
         + 'static,
@@ -68,10 +78,11 @@ where
             service,
             detect_timeout,
             tls,
+            close_idle_after,
         } = self;
         let accepted = ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "listener" => name);
         loop {
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 biased;
                 _ = watch.signaled() => break,
                 res = listener.accept() => match res {
@@ -87,10 +98,11 @@ where
             accepted.increment(1);
             let conn = Connection {
                 builder: builder.clone(),
-                service: service.clone(),
+                service: service.for_peer(peer),
                 watch: watch.clone(),
                 detect_timeout,
                 tls: tls.clone(),
+                close_idle_after,
             };
             tokio::spawn(conn.serve(stream));
         }
@@ -105,6 +117,7 @@ struct Connection<S> {
     watch: Watch,
     detect_timeout: Duration,
     tls: Option<Arc<Identity>>,
+    close_idle_after: Duration,
 }
 
 impl<S, B> Connection<S>
@@ -121,23 +134,29 @@ where
         let Connection {
             builder,
             service,
-            watch,
+            mut watch,
             detect_timeout,
             tls,
+            close_idle_after,
         } = self;
         let _ = stream.set_nodelay(true);
         let tagged = tls.is_some();
-        match (detect(&stream, detect_timeout).await, tls) {
+        let detected = tokio::select! {
+            detected = detect(&stream, detect_timeout) => detected,
+            // Silent so far: nothing to finish, so it must not hold the drain.
+            _ = watch.signaled() => return,
+        };
+        match (detected, tls) {
             (Detected::Http, _) => {
                 let service = PeerService::new(service, tagged, None);
-                serve_io(&builder, stream, service, watch).await
+                serve_io(&builder, stream, service, watch, close_idle_after).await
             }
             (Detected::Tls, Some(identity)) => {
                 ::metrics::counter!(metrics::TLS_HANDSHAKES, "side" => "server").increment(1);
                 match identity.accept(stream, detect_timeout).await {
                     Ok((tls, caller)) => {
                         let service = PeerService::new(service, true, Some(caller));
-                        serve_io(&builder, tls, service, watch).await
+                        serve_io(&builder, tls, service, watch, close_idle_after).await
                     }
                     Err(reason) => {
                         ::metrics::counter!(metrics::TLS_HANDSHAKE_FAILURES, "reason" => reason)
@@ -156,9 +175,14 @@ where
 }
 
 /// Serves HTTP on one accepted connection, plaintext or TLS, until it ends or the drain
-/// closes it gracefully.
-async fn serve_io<I, S, B>(builder: &ServerBuilder, io: I, service: S, mut watch: Watch)
-where
+/// closes it: gracefully, or at `close_idle_after` once no request is open on it.
+async fn serve_io<I, S, B>(
+    builder: &ServerBuilder,
+    io: I,
+    service: S,
+    mut watch: Watch,
+    close_idle_after: Duration,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Clone
@@ -168,14 +192,33 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn =
-        builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+    let requests = Arc::new(Requests::default());
+    let conn = builder.serve_connection_with_upgrades(
+        TokioIo::new(io),
+        TowerToHyperService::new(Counted::new(service, requests.clone())),
+    );
     tokio::pin!(conn);
     let res = tokio::select! {
         res = conn.as_mut() => res,
         _ = watch.signaled() => {
+            // HTTP/1.1: close once idle; HTTP/2: GOAWAY, PING, and the final GOAWAY once the
+            // peer answers. A peer that never answers, or never finishes its head, is not
+            // waited for past `close_idle_after` unless a request is still open.
             conn.as_mut().graceful_shutdown();
-            conn.await
+            let no_request_left = async {
+                tokio::time::sleep(close_idle_after).await;
+                requests.none_open().await;
+            };
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = no_request_left => match tokio::time::timeout(FLUSH, conn.as_mut()).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        tracing::debug!("drain closed a connection with no request open");
+                        Ok(())
+                    }
+                },
+            }
         }
     };
     if let Err(e) = res {

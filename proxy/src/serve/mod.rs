@@ -3,7 +3,10 @@
 
 mod accept;
 mod detect;
+mod for_peer;
+mod in_flight;
 mod peer;
 
 pub use accept::{server_builder, Accept};
+pub use for_peer::ForPeer;
 pub use peer::Caller;

@@ -142,6 +142,7 @@ where
                     backend: alt.clone(),
                     timeout,
                     retry_non_idempotent: false,
+                    client: None,
                 });
                 match admit {
                     Some((b, a)) => {
