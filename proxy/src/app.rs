@@ -126,6 +126,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         detect_timeout,
         tls: None,
         close_idle_after: boot.drain.close_idle_after,
+        max_connections: boot.limits.max_connections,
     };
     tokio::spawn(outbound.run(watch.clone()));
     for (service, listener) in upstream_ls {
@@ -137,6 +138,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             detect_timeout,
             tls: None,
             close_idle_after: boot.drain.close_idle_after,
+            max_connections: boot.limits.max_connections,
         };
         tokio::spawn(upstream.run(watch.clone()));
     }
@@ -164,6 +166,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             detect_timeout,
             tls: tls.clone(),
             close_idle_after: boot.drain.close_idle_after,
+            max_connections: boot.limits.max_connections,
         };
         tokio::spawn(inbound.run(watch.clone()));
         let probe = Arc::new(AppProbe::default());

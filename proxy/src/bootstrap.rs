@@ -212,6 +212,9 @@ pub struct Limits {
     /// Bytes a second.
     #[serde(default = "default_body_min_rate")]
     pub body_min_rate: u64,
+    /// Connections each listener holds open at most; more are answered 503 and closed.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Limits {
@@ -283,6 +286,9 @@ impl Bootstrap {
         }
         if self.limits.body_timeout.is_zero() || self.limits.body_min_rate == 0 {
             return fail("limits.body_timeout and limits.body_min_rate: must be greater than zero");
+        }
+        if self.limits.max_connections == 0 {
+            return fail("limits.max_connections: must be at least 1");
         }
         if self.limits.max_header_bytes < 8192 {
             return fail("limits.max_header_bytes: must be at least 8192");
@@ -387,6 +393,7 @@ impl Default for Limits {
             header_read_timeout: default_header_read_timeout(),
             body_timeout: default_body_timeout(),
             body_min_rate: default_body_min_rate(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -463,6 +470,9 @@ fn default_body_timeout() -> Duration {
 }
 fn default_body_min_rate() -> u64 {
     1024
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(1)

@@ -10,6 +10,7 @@ pub const REQUEST_DURATION: &str = "agent_request_duration_seconds";
 pub const ERRORS_TOTAL: &str = "agent_errors_total";
 pub const INFLIGHT: &str = "agent_inflight_requests";
 pub const CONNECTIONS_TOTAL: &str = "agent_connections_total";
+pub const CONNECTIONS_REFUSED: &str = "agent_connections_refused_total";
 pub const PROTOCOL_ERRORS: &str = "agent_protocol_errors_total";
 pub const SNAPSHOT_VERSION: &str = "agent_snapshot_version";
 pub const SNAPSHOT_APPLIED: &str = "agent_snapshot_applied_total";
@@ -134,6 +135,10 @@ fn describe() {
     describe_counter!(ERRORS_TOTAL, "Requests that failed, by kind.");
     describe_gauge!(INFLIGHT, "Requests in flight.");
     describe_counter!(CONNECTIONS_TOTAL, "Connections accepted, by listener.");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections answered 503 and closed because their listener was at limits.max_connections."
+    );
     describe_counter!(
         PROTOCOL_ERRORS,
         "Connections closed for bad protocol input."

@@ -1,6 +1,7 @@
 use super::detect::{detect, Detected};
 use super::for_peer::ForPeer;
 use super::in_flight::{Counted, Requests};
+use super::limit::{ConnectionLimit, Held};
 use super::peer::PeerService;
 use crate::bootstrap::Limits;
 use crate::drain::Watch;
@@ -53,6 +54,8 @@ pub struct Accept<S> {
     /// called on each request (see [`super::Caller`]).
     pub tls: Option<Arc<Identity>>,
     pub close_idle_after: Duration,
+    /// Connections this listener holds open at most (`limits.max_connections`).
+    pub max_connections: usize,
 }
 
 /// After a drain has closed a connection's last request, how long hyper may go on writing
@@ -79,7 +82,9 @@ where
             detect_timeout,
             tls,
             close_idle_after,
+            max_connections,
         } = self;
+        let limit = ConnectionLimit::new(max_connections);
         let accepted = ::metrics::counter!(metrics::CONNECTIONS_TOTAL, "listener" => name);
         loop {
             let (stream, peer) = tokio::select! {
@@ -96,7 +101,12 @@ where
                 },
             };
             accepted.increment(1);
+            let Some(held) = limit.try_hold() else {
+                limit.refuse(name, stream);
+                continue;
+            };
             let conn = Connection {
+                _held: held,
                 builder: builder.clone(),
                 service: service.for_peer(peer),
                 watch: watch.clone(),
@@ -112,6 +122,7 @@ where
 }
 
 struct Connection<S> {
+    _held: Held,
     builder: Arc<ServerBuilder>,
     service: S,
     watch: Watch,
@@ -132,6 +143,7 @@ where
 {
     async fn serve(self, stream: TcpStream) {
         let Connection {
+            _held,
             builder,
             service,
             mut watch,

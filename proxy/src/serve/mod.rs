@@ -5,6 +5,7 @@ mod accept;
 mod detect;
 mod for_peer;
 mod in_flight;
+mod limit;
 mod peer;
 
 pub use accept::{server_builder, Accept};
