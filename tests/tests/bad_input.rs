@@ -147,3 +147,49 @@ async fn a_malformed_request_body_is_the_callers_fault() {
         assert_eq!(opened, 0.0, "http2 upstream {http2}");
     }
 }
+
+/// The same for a body whose framing is too large rather than wrong: a 1 MB chunk extension or
+/// 1 MB of trailers is the caller's 4xx, never an upstream failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_chunk_extensions_and_trailers_are_the_callers_fault() {
+    let b = server::echo_body().label("b").run().await;
+    let proxy = proxy::builder()
+        .agent("a")
+        .snapshot(
+            snapshot(1)
+                .service(service("b").endpoint(b.addr()))
+                .to_toml(),
+        )
+        .start()
+        .await;
+    let huge = "a".repeat(1 << 20);
+    let extension = format!(
+        "POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\n\r\n5;ext={huge}\r\nhello\r\n0\r\n\r\n"
+    );
+    let trailers = format!(
+        "POST / HTTP/1.1\r\nHost: b\r\nTransfer-Encoding: chunked\r\nTrailer: x-big\r\n\r\n5\r\nhello\r\n0\r\nx-big: {huge}\r\n\r\n"
+    );
+    for (case, bytes) in [("chunk extension", &extension), ("trailers", &trailers)] {
+        // More than the default breaker threshold (5).
+        for _ in 0..6 {
+            let out = raw_exchange(proxy.outbound(), bytes.as_bytes()).await;
+            let status = raw_status(&out);
+            assert!(
+                status.is_some_and(|s| (400..500).contains(&s)),
+                "{case}: {:?}",
+                String::from_utf8_lossy(&out[..out.len().min(300)])
+            );
+        }
+    }
+    let reply = mesh_tests::client::http1(proxy.outbound())
+        .get("b", "/")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let text = metrics::scrape(proxy.admin()).await;
+    let opened = metrics::metric_or_zero(
+        &text,
+        "agent_circuit_breaker_transitions_total",
+        &[("target", "b"), ("to", "open")],
+    );
+    assert_eq!(opened, 0.0);
+}
