@@ -87,3 +87,53 @@ async fn a_zero_timeout_is_a_deadline_already_passed() {
     assert_eq!(reply.json()["error"], "timeout");
     assert_eq!(b.requests(), 0, "a request with no time left was sent on");
 }
+
+/// Headers the mesh owns reach the next hop once, with the mesh's value, whatever the caller
+/// sent twice or named in `Connection`; on the inbound side too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_headers_cannot_be_duplicated_or_named_away_on_either_side() {
+    let b = server::echo().label("b").run().await;
+    let proxy = proxy_to_b(&b).await;
+    let req = http::Request::get("/")
+        .header("host", "b")
+        .header("x-mesh-caller", "mallory")
+        .header("x-mesh-caller", "eve")
+        .header("x-mesh-timeout-ms", "60000")
+        .header("x-mesh-timeout-ms", "5000")
+        .header("connection", "x-mesh-caller, x-mesh-timeout-ms")
+        .body(mesh_tests::body::empty())
+        .unwrap();
+    let reply = client::http1(proxy.outbound()).send(req).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let headers = &reply.json()["headers"];
+    assert_eq!(headers["x-mesh-caller"], "a", "{headers}");
+    let timeout = headers["x-mesh-timeout-ms"]
+        .as_str()
+        .expect("one timeout header");
+    assert!(!timeout.contains(','), "{headers}");
+    assert!(timeout.parse::<u64>().unwrap() <= 5000, "{headers}");
+
+    // A peer's request with the same headers twice reaches the app with each once.
+    let app = server::echo().label("app").run().await;
+    let inbound = proxy::builder()
+        .agent("b")
+        .inbound_app(app.addr())
+        .start()
+        .await;
+    let req = http::Request::get("/")
+        .header("host", "b")
+        .header("x-mesh-caller", "a")
+        .header("x-mesh-timeout-ms", "60000")
+        .header("x-mesh-timeout-ms", "5000")
+        .header("connection", "x-mesh-caller, x-mesh-timeout-ms")
+        .body(mesh_tests::body::empty())
+        .unwrap();
+    let reply = client::http1(inbound.inbound()).send(req).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let headers = &reply.json()["headers"];
+    assert_eq!(headers["x-mesh-caller"], "a", "{headers}");
+    let timeout = headers["x-mesh-timeout-ms"]
+        .as_str()
+        .expect("one timeout header");
+    assert!(!timeout.contains(','), "{headers}");
+}

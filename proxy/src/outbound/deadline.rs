@@ -65,10 +65,15 @@ fn header_value(ms: u64) -> HeaderValue {
     })
 }
 
-/// The budget a caller asked for, if its header is well formed.
+/// The budget a caller asked for, if its header is well formed; the smallest, when it sent
+/// the header more than once (the next hop gets one value either way).
 pub fn requested(headers: &http::HeaderMap) -> Option<Duration> {
-    let v = headers.get(TIMEOUT_HEADER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_millis)
+    headers
+        .get_all(TIMEOUT_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .min()
+        .map(Duration::from_millis)
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -149,6 +154,15 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         d.propagate(&mut h);
         assert_eq!(h[TIMEOUT_HEADER], "1");
+    }
+
+    #[test]
+    fn the_smallest_of_several_budgets_holds() {
+        let mut h = http::HeaderMap::new();
+        h.append(TIMEOUT_HEADER, HeaderValue::from_static("60000"));
+        h.append(TIMEOUT_HEADER, HeaderValue::from_static("soon"));
+        h.append(TIMEOUT_HEADER, HeaderValue::from_static("5000"));
+        assert_eq!(requested(&h), Some(Duration::from_millis(5000)));
     }
 
     #[test]
