@@ -74,11 +74,12 @@ async fn an_app_back_after_an_outage_is_served_within_one_probe_interval() {
         after.as_secs_f64()
     );
     // The probe interval at the app's return is the cool-down or half the time open (1.6 s);
-    // a second more for the target's and the endpoint's breakers probing out of step and the
-    // load's own timing (the doubling this replaces ended failures 3.8 s after the return).
+    // 1.5 s more for the target's and the endpoint's breakers probing out of step and the
+    // load's own timing on a busy host (the doubling this replaces ended failures 3.8 s after
+    // the return).
     let interval = COOLDOWN.max(OUTAGE / 2);
     assert!(
-        after <= interval + Duration::from_secs(1),
+        after <= interval + Duration::from_millis(1500),
         "failures went on {after:?} after the app was back (probe interval {interval:?}); {report}"
     );
 }
