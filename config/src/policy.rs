@@ -258,7 +258,8 @@ impl Policy {
     }
 }
 
-/// A policy directory's `*.toml` files, in name order, as (path, text).
+/// A policy directory's `*.toml` files, in name order, as (path, text). The agent registry
+/// (`agents.toml`) lives beside them and is loaded by [`crate::registry`].
 pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
     let read_err = |source| LoadError::Read {
         path: dir.to_owned(),
@@ -268,6 +269,10 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
         .map_err(read_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n == crate::registry::FILE_NAME)
+        })
         .collect();
     paths.sort();
     paths

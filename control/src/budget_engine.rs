@@ -4,7 +4,7 @@
 
 use mesh_config::budget::HostModel;
 use mesh_config::units::ByteSize;
-use mesh_config::{BudgetReport, Catalog, Policy};
+use mesh_config::{BudgetReport, Catalog, Policy, Registry};
 
 /// The host capacity to budget: the policy's figures, or the machine's when `detect` is set.
 pub fn host(model: &HostModel) -> (f64, ByteSize) {
@@ -34,6 +34,46 @@ pub fn compute(policy: &Policy, catalog: &Catalog) -> Option<BudgetReport> {
         .compute(cpus, memory, |phase| catalog.agents_in(phase));
     policy.ollama.size_rates(&mut report);
     Some(report)
+}
+
+/// Budgets for the agents of the registry on the host the policy describes (never the
+/// machine this runs on, so a rendered deployment is the same wherever it is rendered).
+pub fn for_registry(policy: &Policy, registry: &Registry) -> Option<BudgetReport> {
+    if policy.budget.phases.is_empty() {
+        return None;
+    }
+    let host = &policy.budget.host;
+    let mut report = policy
+        .budget
+        .compute(host.cpus, host.memory, |phase| registry.count(phase));
+    policy.ollama.size_rates(&mut report);
+    Some(report)
+}
+
+/// One line per resource saying how far the phases exceed the host, empty when they fit.
+pub fn oversubscription(r: &BudgetReport) -> Vec<String> {
+    let mut lines = Vec::new();
+    if r.cpu_scale < 1.0 {
+        lines.push(format!(
+            "phases ask for {} CPUs, {} are available: every phase's CPUs scaled by {:.3}",
+            r.requested_cpus, r.available_cpus, r.cpu_scale
+        ));
+    }
+    if r.memory_scale < 1.0 {
+        lines.push(format!(
+            "phases ask for {} of memory, {} is available: every phase's memory scaled by {:.3}",
+            r.requested_memory, r.available_memory, r.memory_scale
+        ));
+    }
+    for (phase, b) in &r.phases {
+        if let Some(pool) = &b.capped_by_pool {
+            lines.push(format!(
+                "{phase}: memory capped by pool {pool} to {}",
+                b.granted_memory
+            ));
+        }
+    }
+    lines
 }
 
 /// Exports `new` when it differs from `prev`, warning once per change while the phases are

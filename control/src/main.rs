@@ -25,7 +25,9 @@ const USAGE: &str = "usage:
       (default 12h). Its key is kept in --state-dir (made on first start) or read from
       --ca-cert/--ca-key.
   mesh-control validate DIR
-      Checks the policy files in DIR; prints every error as file:line: reason; exits 1 on error.
+      Checks the policy files in DIR and the agent registry DIR/agents.toml when present;
+      prints every error as file:line: reason and the budget's oversubscription; exits 1 on
+      error.
   mesh-control compliance [--status-url URL] [--timeout DURATION]
       Checks a running mesh (Rules 17, 27, 30): the control process's /status, and every
       sidecar it lists (admin /health and /metrics, snapshot version); prints a table; exits 1
@@ -103,18 +105,42 @@ fn validate(args: &[String]) -> ExitCode {
         eprintln!("mesh-control: validate takes one directory\n{USAGE}");
         return ExitCode::from(2);
     };
-    match mesh_config::policy::load_dir(&PathBuf::from(dir)) {
-        Ok(_) => {
-            println!("{dir}: ok");
-            ExitCode::SUCCESS
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                eprintln!("{e}");
-            }
-            ExitCode::from(1)
+    let dir = PathBuf::from(dir);
+    let policy = mesh_config::policy::load_dir(&dir);
+    if let Err(errors) = &policy {
+        for e in &errors.0 {
+            eprintln!("{e}");
         }
     }
+    let registry_path = dir.join(mesh_config::registry::FILE_NAME);
+    let registry = if registry_path.exists() {
+        match mesh_config::registry::load_file(&registry_path) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
+    let Ok(policy) = policy else {
+        return ExitCode::from(1);
+    };
+    if let Some(registry) = &registry {
+        println!(
+            "{}: {} agents",
+            registry_path.display(),
+            registry.agents.len()
+        );
+        if let Some(report) = mesh_control::budget_engine::for_registry(&policy, registry) {
+            for line in mesh_control::budget_engine::oversubscription(&report) {
+                println!("budget: {line}");
+            }
+        }
+    }
+    println!("{}: ok", dir.display());
+    ExitCode::SUCCESS
 }
 
 fn compliance(args: &[String]) -> ExitCode {

@@ -1,0 +1,230 @@
+//! The agent registry (`agents.toml` beside the policy): every agent of the platform once, with
+//! its phase, mesh port, image and Rule 23 capability declaration. Everything deployed is
+//! rendered from it. Loading guarantees unique names and ports, each port inside its phase's
+//! range, and every error names file and line.
+
+use crate::load::{self, LoadError};
+use crate::snapshot::{check_name, invalid, Invalid, PathSeg};
+use crate::Phase;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::time::Duration;
+
+/// The registry's file name inside the policy directory; the policy loader leaves it alone.
+pub const FILE_NAME: &str = "agents.toml";
+
+/// The whole registry, in file order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    #[serde(default)]
+    pub agents: Vec<Agent>,
+}
+
+/// One `[[agents]]` entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    pub name: String,
+    pub phase: Phase,
+    /// The port the agent's sidecar publishes on the host (inbound mesh traffic).
+    pub port: u16,
+    pub image: String,
+    pub capabilities: Capabilities,
+}
+
+/// Rule 23: what the agent does and what it may ask of the shared Ollama.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    pub cognitive: Vec<String>,
+    pub ollama_priority: OllamaPriority,
+    pub max_context_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OllamaPriority {
+    High,
+    Medium,
+    Low,
+}
+
+/// The mesh ports of a phase (Rule 20).
+pub fn port_range(phase: Phase) -> RangeInclusive<u16> {
+    match phase {
+        Phase::Critical => 10300..=10319,
+        Phase::Performance => 10320..=10419,
+        Phase::Specialized => 10420..=10599,
+    }
+}
+
+/// Reads and validates a registry file.
+pub fn load_file(path: &Path) -> Result<Registry, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    load_str(path, &text)
+}
+
+/// Parses and validates registry text; `origin` names it in errors.
+pub fn load_str(origin: &Path, text: &str) -> Result<Registry, LoadError> {
+    let reg: Registry = load::toml_str(origin, text)?;
+    reg.validate()
+        .map_err(|e| LoadError::Invalid(load::locate(origin, text, &e)))?;
+    Ok(reg)
+}
+
+// === impl Registry ===
+
+impl Registry {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        use PathSeg::*;
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut ports: BTreeMap<u16, usize> = BTreeMap::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            let at = |k| vec![Key("agents"), Index(i), Key(k)];
+            check_name(&a.name).map_err(|r| invalid(at("name"), r))?;
+            if let Some(first) = names.insert(&a.name, i) {
+                return Err(invalid(
+                    at("name"),
+                    format!("{:?} is already agents[{first}]", a.name),
+                ));
+            }
+            let range = port_range(a.phase);
+            if !range.contains(&a.port) {
+                return Err(invalid(
+                    at("port"),
+                    format!(
+                        "{} is outside the {} range {}-{}",
+                        a.port,
+                        a.phase,
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+            if let Some(first) = ports.insert(a.port, i) {
+                return Err(invalid(
+                    at("port"),
+                    format!(
+                        "{} is already used by {:?}",
+                        a.port, self.agents[first].name
+                    ),
+                ));
+            }
+            if a.image.is_empty() || a.image.contains(char::is_whitespace) || !a.image.contains(':')
+            {
+                return Err(invalid(
+                    at("image"),
+                    "must be a repository with a tag (name:tag), without spaces",
+                ));
+            }
+            let cap = |k| vec![Key("agents"), Index(i), Key("capabilities"), Key(k)];
+            let c = &a.capabilities;
+            if c.cognitive.is_empty() {
+                return Err(invalid(cap("cognitive"), "declare at least one capability"));
+            }
+            if c.max_context_size == 0 {
+                return Err(invalid(cap("max_context_size"), "must be at least 1"));
+            }
+            if c.timeout.is_zero() {
+                return Err(invalid(cap("timeout"), "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Agents per phase, for the budget engine.
+    pub fn count(&self, phase: Phase) -> usize {
+        self.agents.iter().filter(|a| a.phase == phase).count()
+    }
+
+    pub fn in_phase(&self, phase: Phase) -> impl Iterator<Item = &Agent> {
+        self.agents.iter().filter(move |a| a.phase == phase)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AGENT: &str = "[[agents]]\nname = \"a\"\nphase = \"critical\"\nport = 10300\n\
+        image = \"sutazai/a:1\"\n\
+        capabilities = { cognitive = [\"reasoning\"], ollama_priority = \"high\", \
+        max_context_size = 4096, timeout = \"120s\" }\n";
+
+    fn err(text: &str) -> String {
+        load_str(Path::new("agents.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn the_shipped_registry_holds_69_agents_within_their_phases() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("mesh")
+            .join(FILE_NAME);
+        let reg = load_file(&path).unwrap();
+        assert_eq!(reg.agents.len(), 69);
+        for phase in Phase::ALL {
+            let n = reg.count(phase);
+            assert!(n > 0 && n <= port_range(phase).len(), "{phase}: {n}");
+        }
+    }
+
+    #[test]
+    fn a_valid_entry_loads() {
+        let reg = load_str(Path::new("agents.toml"), AGENT).unwrap();
+        assert_eq!(reg.agents[0].capabilities.timeout, Duration::from_secs(120));
+        assert_eq!(reg.count(Phase::Critical), 1);
+    }
+
+    #[test]
+    fn duplicate_name_names_its_line() {
+        let text = format!("{AGENT}{}", AGENT.replace("10300", "10301"));
+        assert_eq!(
+            err(&text),
+            "agents.toml:8: agents[1].name: \"a\" is already agents[0]"
+        );
+    }
+
+    #[test]
+    fn duplicate_port_names_its_line() {
+        let text = format!("{AGENT}{}", AGENT.replace("\"a\"", "\"b\""));
+        assert_eq!(
+            err(&text),
+            "agents.toml:10: agents[1].port: 10300 is already used by \"a\""
+        );
+    }
+
+    #[test]
+    fn port_outside_the_phase_range_names_its_line() {
+        let text = AGENT.replace("10300", "10320");
+        assert_eq!(
+            err(&text),
+            "agents.toml:4: agents[0].port: 10320 is outside the critical range 10300-10319"
+        );
+    }
+
+    #[test]
+    fn unknown_phase_names_its_line() {
+        let e = err(&AGENT.replace("\"critical\"", "\"urgent\""));
+        assert!(e.starts_with("agents.toml:3: "), "{e}");
+        assert!(e.contains("urgent"), "{e}");
+    }
+
+    #[test]
+    fn capability_errors_name_their_line() {
+        let e = err(&AGENT.replace("4096", "0"));
+        assert_eq!(
+            e,
+            "agents.toml:6: agents[0].capabilities.max_context_size: must be at least 1"
+        );
+    }
+}
