@@ -184,7 +184,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     }
     if let (Some(control), Some(id)) = (&boot.control, &boot.identity) {
         let renewer = crate::identity::renew::Renewer::new(
-            control.address,
+            control.address.clone(),
             &boot.agent,
             id.clone(),
             identity.clone(),

@@ -62,7 +62,9 @@ pub struct UpstreamPort {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
-    pub address: SocketAddr,
+    /// `host:port`; a name is resolved at every connection, so it follows the control
+    /// process across restarts (Rule 1: names, not addresses).
+    pub address: String,
     /// Where the last good snapshot is kept across restarts.
     pub persist: Option<PathBuf>,
     /// How long one long-poll waits for a new version.
@@ -91,7 +93,8 @@ pub struct IdentityBootstrap {
 pub struct ConsulRegistration {
     /// `host:port` of the Consul agent.
     pub address: String,
-    /// The address peers reach this sidecar's inbound listener at; defaults to its bound IP.
+    /// The address peers reach this sidecar's inbound listener at; defaults to its bound IP,
+    /// or, bound to 0.0.0.0, the address it reaches Consul from.
     pub advertise: Option<std::net::IpAddr>,
     #[serde(with = "humantime_serde", default = "default_check_interval")]
     pub check_interval: Duration,
@@ -294,6 +297,12 @@ impl Bootstrap {
             return fail("limits.max_header_bytes: must be at least 8192");
         }
         if let Some(c) = &self.control {
+            let authority = c.address.parse::<http::uri::Authority>().ok();
+            if authority.as_ref().and_then(|a| a.port_u16()).is_none()
+                || authority.is_some_and(|a| a.host().is_empty() || a.as_str().contains('@'))
+            {
+                return fail("control.address: must be host:port (a name or an IP address)");
+            }
             if c.wait.is_zero() || c.max_backoff.is_zero() {
                 return fail("control.wait and control.max_backoff: must be greater than zero");
             }
@@ -516,6 +525,18 @@ mod tests {
         assert_eq!(boot.inbound.protocol, AppProtocol::Http2);
         let text = format!("{HEAD}[inbound]\nprotocol = \"h3\"\n");
         assert!(Bootstrap::from_toml(Path::new("s.toml"), &text).is_err());
+    }
+
+    #[test]
+    fn control_address_is_a_name_or_an_ip_with_a_port() {
+        let at = |a: &str| format!("{HEAD}[control]\naddress = \"{a}\"\n");
+        let boot = Bootstrap::from_toml(Path::new("s.toml"), &at("mesh-control:15010")).unwrap();
+        assert_eq!(boot.control.unwrap().address, "mesh-control:15010");
+        Bootstrap::from_toml(Path::new("s.toml"), &at("127.0.0.1:15010")).unwrap();
+        for bad in ["mesh-control", "", "user@host:1", "a b:1", "host:port"] {
+            let err = Bootstrap::from_toml(Path::new("s.toml"), &at(bad)).unwrap_err();
+            assert!(err.to_string().contains("control.address"), "{bad}: {err}");
+        }
     }
 
     #[test]

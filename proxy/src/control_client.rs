@@ -25,25 +25,16 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 pub enum ControlError {
     #[error("control {addr}: {source}")]
     Transport {
-        addr: std::net::SocketAddr,
+        addr: String,
         #[source]
         source: hyper_util::client::legacy::Error,
     },
     #[error("control {addr}: no answer within {after:?}")]
-    Timeout {
-        addr: std::net::SocketAddr,
-        after: Duration,
-    },
+    Timeout { addr: String, after: Duration },
     #[error("control {addr}: reading the body failed: {reason}")]
-    Body {
-        addr: std::net::SocketAddr,
-        reason: String,
-    },
+    Body { addr: String, reason: String },
     #[error("control {addr}: status {status}")]
-    Status {
-        addr: std::net::SocketAddr,
-        status: StatusCode,
-    },
+    Status { addr: String, status: StatusCode },
 }
 
 pub struct ControlClient {
@@ -183,7 +174,7 @@ impl ControlClient {
                 Ok(())
             }
             status => Err(ControlError::Status {
-                addr: self.cfg.address,
+                addr: self.cfg.address.clone(),
                 status,
             }),
         }
@@ -247,13 +238,13 @@ impl ControlClient {
         body: Bytes,
         limit: Duration,
     ) -> Result<(StatusCode, Bytes), ControlError> {
-        let addr = self.cfg.address;
+        let addr = self.cfg.address.clone();
         let uri = Uri::builder()
             .scheme("http")
-            .authority(addr.to_string())
+            .authority(addr.as_str())
             .path_and_query(pq)
             .build()
-            .expect("an address and an ASCII path make a URI");
+            .expect("a checked host:port and an ASCII path make a URI");
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
@@ -273,20 +264,27 @@ impl ControlClient {
                 .http
                 .request(req)
                 .await
-                .map_err(|source| ControlError::Transport { addr, source })?;
+                .map_err(|source| ControlError::Transport {
+                    addr: addr.clone(),
+                    source,
+                })?;
             let status = rsp.status();
             let body = Limited::new(rsp.into_body(), MAX_BODY)
                 .collect()
                 .await
                 .map_err(|e| ControlError::Body {
-                    addr,
+                    addr: addr.clone(),
                     reason: e.to_string(),
                 })?
                 .to_bytes();
             Ok((status, body))
         };
-        tokio::time::timeout(limit, exchange)
-            .await
-            .unwrap_or(Err(ControlError::Timeout { addr, after: limit }))
+        match tokio::time::timeout(limit, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(ControlError::Timeout {
+                addr: self.cfg.address.clone(),
+                after: limit,
+            }),
+        }
     }
 }

@@ -60,8 +60,9 @@ fn compose_mounts_every_bootstrap_and_runs_the_control_they_name() {
             .control
             .unwrap_or_else(|| panic!("{name} has no [control]"));
         // mesh-control's static address and the port it listens on.
-        let ip = format!("ipv4_address: {}", control.address.ip());
-        let listen = format!("0.0.0.0:{}", control.address.port());
+        let (host, port) = control.address.rsplit_once(':').unwrap();
+        let ip = format!("ipv4_address: {host}");
+        let listen = format!("0.0.0.0:{port}");
         assert!(compose.contains(&ip), "{name}: no service at {ip}");
         assert!(compose.contains(&listen), "{name}: control not on {listen}");
         assert!(

@@ -15,7 +15,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use mesh_config::backoff::Backoff;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
@@ -35,15 +34,15 @@ pub enum RenewError {
     #[error("cannot make a key or CSR: {0}")]
     Csr(#[from] rcgen::Error),
     #[error("control {addr}: {reason}")]
-    Transport { addr: SocketAddr, reason: String },
+    Transport { addr: String, reason: String },
     #[error("control {addr} refused the CSR: {status} {body}")]
     Refused {
-        addr: SocketAddr,
+        addr: String,
         status: StatusCode,
         body: String,
     },
     #[error("control {addr}: the answer is not a certificate: {reason}")]
-    Answer { addr: SocketAddr, reason: String },
+    Answer { addr: String, reason: String },
     #[error(transparent)]
     Credentials(#[from] super::credentials::CredentialsError),
 }
@@ -57,7 +56,7 @@ struct Answer {
 }
 
 pub struct Renewer {
-    control: SocketAddr,
+    control: String,
     agent: String,
     cfg: IdentityBootstrap,
     identity: Arc<Identity>,
@@ -74,7 +73,7 @@ pub fn renew_after(received: SystemTime, not_after: SystemTime) -> Duration {
 
 impl Renewer {
     pub fn new(
-        control: SocketAddr,
+        control: String,
         agent: &str,
         cfg: IdentityBootstrap,
         identity: Arc<Identity>,
@@ -157,13 +156,13 @@ impl Renewer {
     }
 
     async fn exchange(&self, token: &str, body: String) -> Result<Answer, RenewError> {
-        let addr = self.control;
+        let addr = &self.control;
         let uri = Uri::builder()
             .scheme("http")
             .authority(addr.to_string())
             .path_and_query("/v1/certificate")
             .build()
-            .expect("an address and a fixed path make a URI");
+            .expect("a checked host:port and a fixed path make a URI");
         let req = Request::builder()
             .method(Method::POST)
             .uri(uri)
@@ -171,7 +170,7 @@ impl Renewer {
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| RenewError::Transport {
-                addr,
+                addr: addr.clone(),
                 reason: format!("the token is not a valid header value: {e}"),
             })?;
         let exchange = async {
@@ -180,7 +179,7 @@ impl Renewer {
                 .request(req)
                 .await
                 .map_err(|e| RenewError::Transport {
-                    addr,
+                    addr: addr.clone(),
                     reason: e.to_string(),
                 })?;
             let status = rsp.status();
@@ -188,19 +187,19 @@ impl Renewer {
                 .collect()
                 .await
                 .map_err(|e| RenewError::Transport {
-                    addr,
+                    addr: addr.clone(),
                     reason: e.to_string(),
                 })?
                 .to_bytes();
             if status != StatusCode::OK {
                 return Err(RenewError::Refused {
-                    addr,
+                    addr: addr.clone(),
                     status,
                     body: String::from_utf8_lossy(&body).into_owned(),
                 });
             }
             serde_json::from_slice::<Answer>(&body).map_err(|e| RenewError::Answer {
-                addr,
+                addr: addr.clone(),
                 reason: e.to_string(),
             })
         };
@@ -208,7 +207,7 @@ impl Renewer {
             .await
             .unwrap_or_else(|_| {
                 Err(RenewError::Transport {
-                    addr,
+                    addr: addr.clone(),
                     reason: format!("no answer within {EXCHANGE_TIMEOUT:?}"),
                 })
             })
