@@ -269,10 +269,7 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
         .map_err(read_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
-        .filter(|p| {
-            !p.file_name()
-                .is_some_and(|n| n == crate::registry::FILE_NAME)
-        })
+        .filter(|p| p.file_name() != Some(std::ffi::OsStr::new(crate::registry::FILE_NAME)))
         .collect();
     paths.sort();
     paths

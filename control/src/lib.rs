@@ -18,6 +18,7 @@ pub mod identity;
 pub mod metrics;
 pub mod policy_watch;
 pub mod push;
+pub mod render;
 pub mod snapshots;
 pub mod status;
 

@@ -28,6 +28,11 @@ const USAGE: &str = "usage:
       Checks the policy files in DIR and the agent registry DIR/agents.toml when present;
       prints every error as file:line: reason and the budget's oversubscription; exits 1 on
       error.
+  mesh-control render [--policy DIR] [--root DIR] [--check]
+      Renders the deployment from DIR/agents.toml and the policy in DIR into the repository at
+      --root: docker-compose.yml and deploy/generated/ (sidecar bootstraps, seed snapshot,
+      Prometheus targets). --check writes nothing and exits 1 naming each file that differs.
+      Defaults: --policy config/mesh, --root .
   mesh-control compliance [--status-url URL] [--timeout DURATION]
       Checks a running mesh (Rules 17, 27, 30): the control process's /status, and every
       sidecar it lists (admin /health and /metrics, snapshot version); prints a table; exits 1
@@ -38,6 +43,7 @@ fn main() -> ExitCode {
     match args.first().map(String::as_str) {
         Some("validate") => return validate(&args[1..]),
         Some("compliance") => return compliance(&args[1..]),
+        Some("render") => return render(&args[1..]),
         Some("run") => {
             args.remove(0);
         }
@@ -141,6 +147,84 @@ fn validate(args: &[String]) -> ExitCode {
     }
     println!("{}: ok", dir.display());
     ExitCode::SUCCESS
+}
+
+fn render(args: &[String]) -> ExitCode {
+    let mut policy_dir = PathBuf::from("config/mesh");
+    let mut root = PathBuf::from(".");
+    let mut check = false;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--check" => check = true,
+            "--policy" | "--root" => {
+                let Some(v) = args.next() else {
+                    eprintln!("mesh-control: {arg} needs a value\n{USAGE}");
+                    return ExitCode::from(2);
+                };
+                if arg == "--policy" {
+                    policy_dir = v.into();
+                } else {
+                    root = v.into();
+                }
+            }
+            other => {
+                eprintln!("mesh-control: render: unexpected {other:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let policy = match mesh_config::policy::load_dir(&policy_dir) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(1);
+        }
+    };
+    let registry = match mesh_config::registry::load_file(
+        &policy_dir.join(mesh_config::registry::FILE_NAME),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let files = match mesh_control::render::render(&policy, &registry) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("mesh-control: render: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if check {
+        let differ = mesh_control::render::diff(&root, &files);
+        for path in &differ {
+            eprintln!("{}: differs from the rendering", path.display());
+        }
+        if !differ.is_empty() {
+            eprintln!(
+                "re-render with: mesh-control render --policy {}",
+                policy_dir.display()
+            );
+            return ExitCode::from(1);
+        }
+        println!("{} files: as rendered", files.len());
+        return ExitCode::SUCCESS;
+    }
+    match mesh_control::render::write(&root, &files) {
+        Ok(changed) => {
+            for path in &changed {
+                println!("rendered {}", path.display());
+            }
+            println!("{} files, {} changed", files.len(), changed.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-control: render: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn compliance(args: &[String]) -> ExitCode {

@@ -1,82 +1,206 @@
-//! The shipped deployment loads: every sidecar bootstrap under deploy/sidecars/ parses with the
-//! real `Bootstrap::from_file`, the first snapshot validates, the compose file mounts exactly
-//! those bootstraps, and every sidecar points at the control process compose runs.
+//! The shipped deployment is the rendering of the agent registry and the policy: the
+//! checked-in files equal what `mesh-control render` produces (a hand edit fails here), every
+//! generated sidecar bootstrap parses with the real `Bootstrap::from_file`, the seed snapshot
+//! validates, and Debian's `docker-compose` accepts the compose file with 69 agents and 69
+//! sidecars carrying the limits the budget engine computed.
 
+use mesh_config::Phase;
 use mesh_proxy::bootstrap::{Bootstrap, InboundMode};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn sidecar_files() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/sidecars"))
-        .expect("deploy/sidecars")
-        .map(|e| e.expect("a dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .collect();
-    files.sort();
-    assert!(
-        !files.is_empty(),
-        "no sidecar bootstraps in deploy/sidecars"
-    );
-    files
+fn policy() -> mesh_config::Policy {
+    mesh_config::policy::load_dir(&root().join("config/mesh")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn registry() -> mesh_config::Registry {
+    mesh_config::registry::load_file(&root().join("config/mesh/agents.toml"))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[test]
-fn every_sidecar_bootstrap_and_the_first_snapshot_load() {
-    for path in sidecar_files() {
+fn the_checked_in_deployment_is_the_rendering() {
+    let files = mesh_control::render::render(&policy(), &registry()).unwrap();
+    let differ = mesh_control::render::diff(&root(), &files);
+    assert!(
+        differ.is_empty(),
+        "edited by hand or not re-rendered (run `mesh-control render`): {differ:?}"
+    );
+}
+
+#[test]
+fn a_hand_edit_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = mesh_control::render::render(&policy(), &registry()).unwrap();
+    mesh_control::render::write(dir.path(), &files).unwrap();
+    assert!(mesh_control::render::diff(dir.path(), &files).is_empty());
+    let compose = dir.path().join("docker-compose.yml");
+    let text = std::fs::read_to_string(&compose).unwrap();
+    std::fs::write(&compose, text.replacen("memory: ", "memory: 9", 1)).unwrap();
+    let stray = dir
+        .path()
+        .join("deploy/generated/sidecars/retired-agent.toml");
+    std::fs::write(&stray, "").unwrap();
+    let differ = mesh_control::render::diff(dir.path(), &files);
+    assert_eq!(
+        differ,
+        vec![
+            PathBuf::from("docker-compose.yml"),
+            PathBuf::from("deploy/generated/sidecars/retired-agent.toml")
+        ]
+    );
+    // Rendering again restores the file and removes the stray one.
+    mesh_control::render::write(dir.path(), &files).unwrap();
+    assert!(mesh_control::render::diff(dir.path(), &files).is_empty());
+}
+
+#[test]
+fn every_sidecar_bootstrap_and_the_seed_snapshot_load() {
+    let dir = root().join("deploy/generated/sidecars");
+    let mut gateways = 0;
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
         let boot = Bootstrap::from_file(&path).unwrap_or_else(|e| panic!("{e}"));
         let stem = path.file_stem().unwrap().to_string_lossy();
         assert_eq!(boot.agent, stem, "{} names another agent", path.display());
-    }
-    let mut toml = Vec::new();
-    for entry in std::fs::read_dir(root().join("deploy")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            toml.push(path);
-        }
-    }
-    assert!(!toml.is_empty(), "no deploy/*.toml");
-    for path in toml {
-        // deploy/*.toml are snapshots: the first one a sidecar runs with.
-        mesh_config::load::snapshot_file(&path).unwrap_or_else(|e| panic!("{e}"));
-    }
-}
-
-#[test]
-fn compose_mounts_every_bootstrap_and_runs_the_control_they_name() {
-    let compose = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
-    let mounted = compose.matches("./deploy/sidecars/").count();
-    let files = sidecar_files();
-    assert_eq!(mounted, files.len(), "each bootstrap is mounted once");
-    let mut gateways = 0;
-    for path in &files {
-        let name = path.file_name().unwrap().to_string_lossy();
-        let mount = format!("./deploy/sidecars/{name}:/etc/mesh/sidecar.toml:ro");
-        assert!(compose.contains(&mount), "{name} is not mounted");
-        let boot = Bootstrap::from_file(path).unwrap();
-        let control = boot
-            .control
-            .unwrap_or_else(|| panic!("{name} has no [control]"));
-        // mesh-control's static address and the port it listens on.
-        let (host, port) = control.address.rsplit_once(':').unwrap();
-        let ip = format!("ipv4_address: {host}");
-        let listen = format!("0.0.0.0:{port}");
-        assert!(compose.contains(&ip), "{name}: no service at {ip}");
-        assert!(compose.contains(&listen), "{name}: control not on {listen}");
-        assert!(
-            control
-                .persist
-                .is_some_and(|p| p.starts_with("/var/lib/mesh")),
-            "{name}: the persisted snapshot belongs on the state volume"
+        let control = boot.control.expect("[control]");
+        assert_eq!(
+            control.address, "mesh-control:15010",
+            "by name, not address"
         );
+        assert_eq!(boot.consul.expect("[consul]").address, "consul:8500");
         if boot.inbound.mode == InboundMode::Ollama {
             gateways += 1;
         }
+        n += 1;
     }
-    assert_eq!(gateways, 1, "one Ollama gateway in front of Ollama");
-    // The control process reads the shipped policy, which loads.
-    assert!(compose.contains("./config/mesh:/etc/mesh/policy:ro"));
-    mesh_config::policy::load_dir(&root().join("config/mesh")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n, 70, "69 agents and the Ollama gateway");
+    assert_eq!(gateways, 1);
+    let snap =
+        mesh_config::load::snapshot_file(&root().join("deploy/generated/snapshot.toml")).unwrap();
+    assert_eq!(snap.services.len(), 70);
+}
+
+#[test]
+fn sidecar_concurrency_comes_from_the_same_budget_as_the_limits() {
+    let policy = policy();
+    let registry = registry();
+    let report = mesh_control::budget_engine::for_registry(&policy, &registry).unwrap();
+    for agent in &registry.agents {
+        let path = root().join(format!("deploy/generated/sidecars/{}.toml", agent.name));
+        let boot = Bootstrap::from_file(&path).unwrap();
+        let budget = report.agent(agent.phase).unwrap();
+        assert_eq!(boot.inbound.max_concurrency, budget.inbound_concurrency());
+        assert_eq!(boot.listen.inbound.unwrap().port(), agent.port);
+    }
+}
+
+/// Debian's docker-compose (1.x; `.ci/run` installs it) reads the file as compose would.
+#[test]
+fn docker_compose_accepts_the_file_with_69_agents_and_their_budget_limits() {
+    let out = std::process::Command::new("docker-compose")
+        .current_dir(root())
+        .args(["-p", "agent-mesh", "-f", "docker-compose.yml", "config"])
+        .env("HOST_BIND", "127.0.0.1")
+        .output()
+        .expect("docker-compose (apt package docker-compose, installed by .ci/run)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "docker-compose config: {stderr}");
+    let text = String::from_utf8(out.stdout).unwrap();
+
+    // The normalised output: two-space service keys, limits under deploy.resources.limits.
+    let services = services(&text);
+    let policy = policy();
+    let registry = registry();
+    let report = mesh_control::budget_engine::for_registry(&policy, &registry).unwrap();
+    let mut per_phase: BTreeMap<Phase, usize> = BTreeMap::new();
+    for agent in &registry.agents {
+        let body = services
+            .get(agent.name.as_str())
+            .unwrap_or_else(|| panic!("{} missing", agent.name));
+        let side = services
+            .get(format!("{}-sidecar", agent.name).as_str())
+            .unwrap_or_else(|| panic!("{}-sidecar missing", agent.name));
+        assert!(side.contains(&format!("network_mode: service:{}", agent.name)));
+        let budget = report.agent(agent.phase).unwrap();
+        let (ac, am) = limits(body);
+        let (sc, sm) = limits(side);
+        assert!(ac > 0.0 && am > 0, "{}: no limits", agent.name);
+        assert!(
+            ac + sc <= budget.cpus + 1e-6,
+            "{}: cpus over budget",
+            agent.name
+        );
+        assert!(
+            am + sm <= budget.memory.0,
+            "{}: memory over budget",
+            agent.name
+        );
+        // Within a MiB and a hundredth of a CPU of the budget: the same computation.
+        assert!(budget.memory.0 - (am + sm) < 2 << 20, "{}", agent.name);
+        assert!(budget.cpus - (ac + sc) < 0.021, "{}", agent.name);
+        *per_phase.entry(agent.phase).or_default() += 1;
+    }
+    assert_eq!(per_phase.values().sum::<usize>(), 69);
+    let sidecars = services.keys().filter(|k| k.ends_with("-sidecar")).count();
+    assert_eq!(sidecars, 69);
+}
+
+/// Service name -> its block of `docker-compose config` output.
+fn services(text: &str) -> BTreeMap<&str, String> {
+    let mut out = BTreeMap::new();
+    let mut in_services = false;
+    let mut current: Option<(&str, String)> = None;
+    for line in text.lines() {
+        if !line.starts_with(' ') {
+            in_services = line == "services:";
+            if let Some((k, v)) = current.take() {
+                out.insert(k, v);
+            }
+            continue;
+        }
+        if !in_services {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
+            if !name.starts_with(' ') {
+                if let Some((k, v)) = current.take() {
+                    out.insert(k, v);
+                }
+                current = Some((name, String::new()));
+                continue;
+            }
+        }
+        if let Some((_, body)) = &mut current {
+            body.push_str(line.trim());
+            body.push('\n');
+        }
+    }
+    if let Some((k, v)) = current {
+        out.insert(k, v);
+    }
+    out
+}
+
+/// (cpus, memory bytes) from a service block's `limits:`.
+fn limits(block: &str) -> (f64, u64) {
+    let after = block.split("limits:\n").nth(1).expect("limits");
+    let mut cpus = None;
+    let mut mem = None;
+    for line in after.lines().take(2) {
+        if let Some(v) = line.strip_prefix("cpus: ") {
+            cpus = v.trim_matches('\'').parse().ok();
+        }
+        if let Some(v) = line.strip_prefix("memory: ") {
+            let v = v.trim_matches('\'');
+            let mib: u64 = v.trim_end_matches('m').parse().expect("memory in MiB");
+            mem = Some(mib << 20);
+        }
+    }
+    (cpus.expect("cpus limit"), mem.expect("memory limit"))
 }
