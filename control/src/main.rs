@@ -33,6 +33,10 @@ const USAGE: &str = "usage:
       --root: docker-compose.yml and deploy/generated/ (sidecar bootstraps, seed snapshot,
       Prometheus targets). --check writes nothing and exits 1 naming each file that differs.
       Defaults: --policy config/mesh, --root .
+  mesh-control compliance --deployment [ROOT] [--json]
+      Checks the rendered deployment under ROOT (default .) offline: limits, ports, Rule 26
+      hardening, healthchecks, fixed addresses, logging, and Rule 30's named checks as
+      pass / fail / not applicable with evidence and a score; exits 1 on a violation.
   mesh-control compliance [--status-url URL] [--timeout DURATION]
       Checks a running mesh (Rules 17, 27, 30): the control process's /status, and every
       sidecar it lists (admin /health and /metrics, snapshot version); prints a table; exits 1
@@ -228,6 +232,31 @@ fn render(args: &[String]) -> ExitCode {
 }
 
 fn compliance(args: &[String]) -> ExitCode {
+    if args.first().map(String::as_str) == Some("--deployment") {
+        let mut root = PathBuf::from(".");
+        let mut json = false;
+        for arg in &args[1..] {
+            match arg.as_str() {
+                "--json" => json = true,
+                a if !a.starts_with('-') => root = a.into(),
+                other => {
+                    eprintln!("mesh-control: compliance: unexpected {other:?}\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        let report = mesh_control::deployment_check::check_dir(&root);
+        if json {
+            println!("{}", report.to_json());
+        } else {
+            println!("{report}\nscore: {}%", report.score());
+        }
+        return if report.passed() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
     let mut url = "http://127.0.0.1:15100/status".to_owned();
     let mut timeout = Duration::from_secs(5);
     let mut args = args.iter();

@@ -8,6 +8,7 @@ mod compose;
 mod limits;
 mod sidecar;
 
+pub use compose::restart as restart_policy;
 pub use limits::{Limits, PairLimits};
 
 use mesh_config::{BudgetReport, Policy, Registry};
