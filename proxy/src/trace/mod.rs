@@ -12,6 +12,7 @@
 //! tracer: the layers pass requests through untouched (trace headers travel as the app sent
 //! them) and cost one branch.
 
+pub mod attempt;
 pub mod client;
 pub mod context;
 pub mod export;

@@ -182,6 +182,8 @@ where
                     t
                 }
             };
+            // A sampled request records each attempt as a child of its client span.
+            let attempts = crate::trace::attempt::Attempts::of(&parts.extensions);
             let again = Again::new(&parts, tried);
             let deadline = again.deadline;
             let p = policy.params;
@@ -196,6 +198,7 @@ where
                 if let Some(until) = until {
                     req.extensions_mut().insert(TryDeadline(until));
                 }
+                let span = attempts.as_ref().map(|a| a.start(attempt));
                 let sent = async {
                     let mut res = inner.ready().await?.call(req).await;
                     if let Ok(rsp) = res.as_mut() {
@@ -216,6 +219,9 @@ where
                         }),
                     _ => sent.await,
                 };
+                if let (Some(a), Some(span)) = (&attempts, span) {
+                    a.end(span, &res, again.route.as_ref(), &again.tried);
+                }
                 if attempt >= p.max_attempts
                     || !should_retry(&res, safe, &p.statuses)
                     || !kept.replayable()

@@ -1,0 +1,236 @@
+//! Tracing across the mesh (Rule 28): one call is one trace from the caller's sidecar to the
+//! callee's app, retries show as attempts, B3 callers join W3C traces, sampling follows the
+//! policy without a restart, and a collector that hangs costs requests nothing.
+
+use mesh_tests::client;
+use mesh_tests::metrics::{metric_value, scrape, wait_for_metric};
+use mesh_tests::otlp::{self, RecordedSpan};
+use mesh_tests::proxy;
+use mesh_tests::server;
+use mesh_tests::snapshot::{service, snapshot};
+
+/// SpanKind in OTLP: SERVER = 2, CLIENT = 3.
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+fn with_sampling(toml: String, ratio: &str) -> String {
+    format!("{toml}\n[trace]\nsampling = {ratio}\n")
+}
+
+fn one(spans: &[RecordedSpan], what: impl Fn(&RecordedSpan) -> bool) -> &RecordedSpan {
+    let found: Vec<_> = spans.iter().filter(|s| what(s)).collect();
+    assert_eq!(found.len(), 1, "{spans:#?}");
+    found[0]
+}
+
+/// `00-<trace>-<parent>-<flags>` as the app received it.
+fn traceparent_of(app: &server::Server) -> (String, String, String) {
+    let headers = app.request_headers();
+    let last = headers.last().expect("the app got the request");
+    let tp = last
+        .get("traceparent")
+        .expect("the app got a traceparent")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_across_two_sidecars_is_one_trace() {
+    let collector = otlp::collector().await;
+    let app_b = server::fixed(200, "from b").run().await;
+    let sidecar_b = proxy::builder()
+        .agent("tr-b")
+        .inbound_app(app_b.addr())
+        .snapshot(with_sampling(snapshot(1).to_toml(), "1.0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+    let snap = snapshot(1).service(service("tr-b").http2().endpoint(sidecar_b.inbound()));
+    let sidecar_a = proxy::builder()
+        .agent("tr-a")
+        .phase("performance")
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+
+    let reply = client::http1(sidecar_a.outbound())
+        .get("tr-b", "/v1/answer")
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    // The client span, its attempt (default retry policy) and the server span.
+    let spans = collector.wait_spans(3).await;
+    let client_span = one(&spans, |s| s.kind == CLIENT && s.service == "tr-a");
+    let server_span = one(&spans, |s| s.kind == SERVER && s.service == "tr-b");
+    assert!(
+        spans.iter().all(|s| s.trace_id == client_span.trace_id),
+        "{spans:#?}"
+    );
+    // The callee's server span is a child of the caller's client span.
+    assert_eq!(server_span.parent_span_id, client_span.span_id);
+    // The agent sent no context: the trace starts at its sidecar.
+    assert_eq!(client_span.parent_span_id, "");
+
+    let a = &client_span.attributes;
+    assert_eq!(client_span.name, "GET");
+    assert_eq!(a["http.request.method"], "GET");
+    assert_eq!(a["url.path"], "/v1/answer");
+    assert_eq!(a["server.address"], "tr-b");
+    assert_eq!(a["http.response.status_code"], "200");
+    assert_eq!(a["agent.id"], "tr-a");
+    assert_eq!(a["agent.phase"], "performance");
+    assert_eq!(a["target.agent"], "tr-b");
+    assert_eq!(a["operation.type"], "http");
+    let b = &server_span.attributes;
+    assert_eq!(b["agent.id"], "tr-b");
+    assert_eq!(b["mesh.caller"], "tr-a");
+    assert_eq!(b["http.response.status_code"], "200");
+
+    // Agent B saw the same trace, with B's server span as its parent.
+    let (trace, parent, flags) = traceparent_of(&app_b);
+    assert_eq!(trace, client_span.trace_id);
+    assert_eq!(parent, server_span.span_id);
+    assert_eq!(flags, "01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_call_shows_two_attempts() {
+    let collector = otlp::collector().await;
+    let up = server::fixed(200, "ok").fail_first(1).run().await;
+    let snap = snapshot(1).service(
+        service("tr-retry")
+            .endpoint(up.addr())
+            .policy("retry", "{ max_attempts = 3, backoff = \"1ms\" }")
+            .policy("breaker", "{ enabled = false }")
+            .policy("ejection", "{ enabled = false }"),
+    );
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+    let reply = client::http1(sidecar.outbound()).get("tr-retry", "/").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let spans = collector.wait_spans(3).await;
+    let client_span = one(&spans, |s| s.kind == CLIENT);
+    let mut attempts: Vec<_> = spans.iter().filter(|s| s.name == "attempt").collect();
+    attempts.sort_by_key(|s| s.attributes["mesh.attempt"].clone());
+    assert_eq!(attempts.len(), 2, "{spans:#?}");
+    for (i, at) in attempts.iter().enumerate() {
+        assert_eq!(at.parent_span_id, client_span.span_id);
+        assert_eq!(at.attributes["mesh.attempt"], (i + 1).to_string());
+        assert_eq!(
+            at.attributes["network.peer.port"],
+            up.addr().port().to_string()
+        );
+    }
+    assert_eq!(attempts[0].attributes["mesh.attempt.outcome"], "failed");
+    assert!(attempts[0].error);
+    assert_eq!(attempts[1].attributes["mesh.attempt.outcome"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_b3_callers_trace_id_survives_into_w3c() {
+    let collector = otlp::collector().await;
+    let app = server::fixed(200, "ok").run().await;
+    let snap = snapshot(1).service(service("tr-b3").endpoint(app.addr()));
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    let req = c
+        .request(http::Method::GET, "tr-b3", "/")
+        .header("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")
+        .body(mesh_tests::body::empty())
+        .unwrap();
+    assert_eq!(c.send(req).await.status, 200);
+    let (trace, _, flags) = traceparent_of(&app);
+    assert_eq!(trace, "80f198ee56343ba864fe8b2a57d3eff7");
+    // The caller's `sampled` decision is kept although the policy samples nothing.
+    assert_eq!(flags, "01");
+    let seen = app.request_headers();
+    assert!(
+        !seen.last().unwrap().contains_key("b3"),
+        "B3 is translated, not forwarded"
+    );
+    let spans = collector.wait_spans(1).await;
+    let client_span = one(&spans, |s| s.kind == CLIENT);
+    assert_eq!(client_span.trace_id, trace);
+    assert_eq!(client_span.parent_span_id, "e457b5a2e4d86bd1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_follows_the_policy_without_a_restart() {
+    let collector = otlp::collector().await;
+    let app = server::fixed(200, "ok").run().await;
+    let snap = |v| snapshot(v).service(service("tr-s").endpoint(app.addr()));
+    let mut sidecar = proxy::builder()
+        .snapshot(with_sampling(snap(1).to_toml(), "0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+    let c = client::http1(sidecar.outbound());
+
+    // Sampling 0: nothing is exported, the context still travels (not sampled).
+    for _ in 0..20 {
+        assert_eq!(c.get("tr-s", "/").await.status, 200);
+    }
+    let (trace, _, flags) = traceparent_of(&app);
+    assert_eq!(trace.len(), 32);
+    assert_eq!(flags, "00");
+
+    // Sampling 1 from the next snapshot on: every call is exported.
+    sidecar
+        .reload(&with_sampling(snap(2).to_toml(), "1.0"))
+        .await;
+    for _ in 0..5 {
+        assert_eq!(c.get("tr-s", "/").await.status, 200);
+    }
+    let spans = collector.wait_spans(5).await;
+    let clients = spans.iter().filter(|s| s.kind == CLIENT).count();
+    // All five, and none of the twenty before: a flush of those would have come first.
+    assert_eq!(clients, 5, "{spans:#?}");
+    let (_, _, flags) = traceparent_of(&app);
+    assert_eq!(flags, "01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_collector_costs_requests_nothing_and_drops_are_counted() {
+    let collector = otlp::hanging_collector().await;
+    let app = server::fixed(200, "ok").run().await;
+    let snap = snapshot(1).service(service("tr-h").endpoint(app.addr()));
+    let boot = format!(
+        "\n[trace]\nendpoint = {:?}\nqueue_size = 4\nmax_batch = 2\nflush_interval = \"5ms\"\nexport_timeout = \"30s\"\n",
+        collector.endpoint()
+    );
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&boot)
+        .start()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(c.get("tr-h", "/").await.status, 200);
+    }
+    // The export in flight hangs for 30 s; the requests did not wait for it.
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let dropped = wait_for_metric(
+        sidecar.admin(),
+        "agent_trace_spans_dropped_total",
+        &[("reason", "queue_full")],
+        1.0,
+    )
+    .await;
+    assert!(dropped >= 1.0);
+    let text = scrape(sidecar.admin()).await;
+    assert!(metric_value(&text, "agent_trace_spans_dropped_total", &[]).is_some());
+}
