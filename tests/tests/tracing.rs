@@ -234,3 +234,55 @@ async fn a_hanging_collector_costs_requests_nothing_and_drops_are_counted() {
     let text = scrape(sidecar.admin()).await;
     assert!(metric_value(&text, "agent_trace_spans_dropped_total", &[]).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ollama_call_shows_its_queue_wait_and_its_generation() {
+    let collector = otlp::collector().await;
+    let ollama = mesh_tests::ollama::fake().run().await;
+    let snap = format!(
+        "version = 1\n\n[[services]]\nname = \"tr-caller\"\nphase = \"critical\"\n{}",
+        mesh_tests::ollama::gateway_policy(1, "5s", "")
+    );
+    let gateway = proxy::builder()
+        .agent("ollama")
+        .ollama_gateway(ollama.addr())
+        .snapshot(with_sampling(snap, "0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+    // The caller's sidecar sampled the trace: the gateway keeps that decision.
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let c = client::http1(gateway.inbound());
+    let req = c
+        .request(http::Method::POST, "ollama", "/api/generate")
+        .header("x-mesh-caller", "tr-caller")
+        .header("traceparent", parent)
+        .header("content-type", "application/json")
+        .body(mesh_tests::body::full(
+            "{\"model\":\"fake\",\"prompt\":\"hi\",\"stream\":true}",
+        ))
+        .unwrap();
+    let reply = c.send(req).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let spans = collector.wait_spans(3).await;
+    let server_span = one(&spans, |s| s.kind == SERVER);
+    assert_eq!(server_span.parent_span_id, "b7ad6b7169203331");
+    let queue = one(&spans, |s| s.name == "ollama.queue");
+    let generation = one(&spans, |s| s.name == "text_completion fake");
+    for child in [queue, generation] {
+        assert_eq!(child.trace_id, "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(child.parent_span_id, server_span.span_id);
+    }
+    assert_eq!(queue.attributes["mesh.caller"], "tr-caller");
+    assert_eq!(queue.attributes["mesh.caller.phase"], "critical");
+    assert_eq!(queue.attributes["ollama.queue.position"], "1");
+    assert_eq!(queue.attributes["ollama.queue.wait_reason"], "none");
+    assert_eq!(generation.attributes["gen_ai.request.model"], "fake");
+    assert_eq!(
+        generation.attributes["gen_ai.operation.name"],
+        "text_completion"
+    );
+    assert_eq!(generation.attributes["http.response.status_code"], "200");
+    assert!(!generation.error);
+}

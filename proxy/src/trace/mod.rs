@@ -16,6 +16,7 @@ pub mod attempt;
 pub mod client;
 pub mod context;
 pub mod export;
+pub mod ollama;
 pub mod server;
 pub mod span;
 
