@@ -438,6 +438,21 @@ mod tests {
     }
 
     #[test]
+    fn trace_sampling_has_per_phase_overrides_that_reach_the_snapshot() {
+        let policy = load(&[(
+            "t.toml",
+            "[trace]\nsampling = 0.1\n[trace.phases]\ncritical = 1.0\n",
+        )])
+        .unwrap();
+        let (snap, _) = policy.snapshot(&Catalog::default(), 1);
+        let trace = snap.trace.expect("the snapshot carries [trace]");
+        assert_eq!(trace.ratio(Phase::Critical), 1.0);
+        assert_eq!(trace.ratio(Phase::Specialized), 0.1);
+        let e = err(&[("t.toml", "[trace]\nsampling = 0.1\n[trace.phases]\ncritical = 2.0\n")]);
+        assert!(e.contains("trace.phases.critical: must be in [0, 1]"), "{e}");
+    }
+
+    #[test]
     fn the_shipped_policy_is_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("mesh");
         let policy = load_dir(&dir).unwrap();
