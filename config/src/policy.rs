@@ -448,8 +448,14 @@ mod tests {
         let trace = snap.trace.expect("the snapshot carries [trace]");
         assert_eq!(trace.ratio(Phase::Critical), 1.0);
         assert_eq!(trace.ratio(Phase::Specialized), 0.1);
-        let e = err(&[("t.toml", "[trace]\nsampling = 0.1\n[trace.phases]\ncritical = 2.0\n")]);
-        assert!(e.contains("trace.phases.critical: must be in [0, 1]"), "{e}");
+        let e = err(&[(
+            "t.toml",
+            "[trace]\nsampling = 0.1\n[trace.phases]\ncritical = 2.0\n",
+        )]);
+        assert!(
+            e.contains("trace.phases.critical: must be in [0, 1]"),
+            "{e}"
+        );
     }
 
     #[test]

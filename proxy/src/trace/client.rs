@@ -59,10 +59,11 @@ where
             return self.inner.call(req);
         };
         let incoming = context::extract(req.headers_mut(), true);
-        let ctx = begin(tracer, incoming.parent);
-        context::inject(req.headers_mut(), &ctx, incoming.state);
+        let parent = incoming.parent;
+        let ctx = begin(tracer, parent);
+        context::inject(req.headers_mut(), &ctx, incoming);
         if ctx.sampled {
-            let span = client_span(tracer, &req, ctx, incoming.parent);
+            let span = client_span(tracer, &req, ctx, parent);
             req.extensions_mut().insert(Pending {
                 tracer: tracer.clone(),
                 span: Box::new(span),

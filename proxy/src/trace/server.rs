@@ -59,14 +59,15 @@ where
             return self.inner.call(req);
         };
         let incoming = context::extract(req.headers_mut(), false);
-        let ctx = begin(tracer, incoming.parent);
-        context::inject(req.headers_mut(), &ctx, incoming.state);
+        let parent = incoming.parent;
+        let ctx = begin(tracer, parent);
+        context::inject(req.headers_mut(), &ctx, incoming);
         if ctx.sampled {
             let mut span = Span::start(
                 method_name(req.method()),
                 Kind::Server,
                 ctx,
-                incoming.parent.map(|p| p.span_id),
+                parent.map(|p| p.span_id),
                 true,
             );
             tracer.identity(&mut span);
