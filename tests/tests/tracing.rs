@@ -286,3 +286,40 @@ async fn an_ollama_call_shows_its_queue_wait_and_its_generation() {
     assert_eq!(generation.attributes["http.response.status_code"], "200");
     assert!(!generation.error);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_lines_name_the_trace_also_when_it_is_not_sampled() {
+    let collector = otlp::collector().await;
+    let app = server::fixed(500, "broken").run().await;
+    let snap = snapshot(1).service(
+        service("tr-log")
+            .endpoint(app.addr())
+            .policy("retry", "{ max_attempts = 1 }"),
+    );
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .spawn()
+        .await;
+    let reply = client::http1(sidecar.outbound())
+        .get("tr-log", "/fails")
+        .await;
+    assert_eq!(reply.status, 500);
+    let (trace, span, flags) = traceparent_of(&app);
+    assert_eq!(flags, "00");
+    // The error line of a sampled-out request carries the ids the next hop saw.
+    let line = mesh_tests::eventually("the access line", || {
+        let lines = sidecar.stdout_lines();
+        async move {
+            lines
+                .into_iter()
+                .find(|l| l.contains("\"target\":\"access\"") && l.contains("/fails"))
+        }
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["status"], 500);
+    assert_eq!(v["trace_id"], trace.as_str());
+    assert_eq!(v["span_id"], span.as_str());
+    assert!(collector.spans().is_empty());
+}
