@@ -284,6 +284,14 @@ async fn an_ollama_call_shows_its_queue_wait_and_its_generation() {
         "text_completion"
     );
     assert_eq!(generation.attributes["http.response.status_code"], "200");
+    // From Ollama's final chunk.
+    assert_eq!(generation.attributes["gen_ai.usage.input_tokens"], "7");
+    // Every chunk but the final one carries a token.
+    let tokens = ollama.chunks_per_generation() - 1;
+    assert_eq!(
+        generation.attributes["gen_ai.usage.output_tokens"],
+        tokens.to_string()
+    );
     assert!(!generation.error);
 }
 

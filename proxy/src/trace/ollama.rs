@@ -8,8 +8,9 @@ use super::span::{Kind, Span};
 use super::{Recording, Tracer};
 use crate::errors::ProxyError;
 use crate::inbound::ollama::dispatch::Entry;
+use bytes::Bytes;
 use opentelemetry::KeyValue;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// The spans of one sampled request at the gateway.
@@ -24,6 +25,9 @@ pub struct GatewaySpans {
 pub struct Generation {
     tracer: Arc<Tracer>,
     span: Span,
+    /// The latest answer frame that reports token usage (Ollama's final chunk, OpenAI's
+    /// `usage`), kept by the body's tap until the body ends.
+    usage: Arc<Mutex<Option<Bytes>>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -110,6 +114,7 @@ impl GatewaySpans {
         Generation {
             tracer: self.tracer.clone(),
             span,
+            usage: Arc::default(),
         }
     }
 }
@@ -130,14 +135,58 @@ impl Generation {
         }
     }
 
+    /// Watches the answer's frames for token usage.
+    pub fn watch(&self, body: &mut crate::body::ProxyBody) {
+        let usage = self.usage.clone();
+        body.tap(move |frame| {
+            if contains(frame, b"eval_count") || contains(frame, b"\"usage\"") {
+                *usage.lock().unwrap_or_else(|e| e.into_inner()) = Some(frame.clone());
+            }
+        });
+    }
+
     /// Ends the span: `error` is how the body ended when it did not end whole.
     pub fn end(mut self, error: Option<String>) {
+        let frame = self.usage.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((input, output)) = frame.as_deref().and_then(usage) {
+            self.span
+                .set(KeyValue::new("gen_ai.usage.input_tokens", input));
+            self.span
+                .set(KeyValue::new("gen_ai.usage.output_tokens", output));
+        }
         if let Some(e) = error {
             self.span.set(KeyValue::new("error.type", e.clone()));
             self.span.fail(e);
         }
         self.tracer.end(self.span);
     }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Input and output tokens from the last JSON line of `frame` that reports them: Ollama's
+/// `prompt_eval_count` / `eval_count`, or OpenAI's `usage.prompt_tokens` /
+/// `completion_tokens` (an SSE `data:` line or a whole answer).
+fn usage(frame: &[u8]) -> Option<(i64, i64)> {
+    frame.split(|&b| b == b'\n').rev().find_map(|line| {
+        let line = line.trim_ascii();
+        let line = line.strip_prefix(b"data:").unwrap_or(line).trim_ascii();
+        let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+        if let Some(out) = v.get("eval_count").and_then(|c| c.as_i64()) {
+            let input = v
+                .get("prompt_eval_count")
+                .and_then(|c| c.as_i64())
+                .unwrap_or(0);
+            return Some((input, out));
+        }
+        let u = v.get("usage")?;
+        Some((
+            u.get("prompt_tokens")?.as_i64()?,
+            u.get("completion_tokens")?.as_i64()?,
+        ))
+    })
 }
 
 /// The GenAI operation a gateway path stands for.
@@ -147,5 +196,19 @@ fn operation(path: &str) -> &'static str {
         "/api/generate" | "/v1/completions" => "text_completion",
         "/api/embed" | "/api/embeddings" | "/v1/embeddings" => "embeddings",
         _ => "ollama",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_comes_from_ollamas_final_chunk_or_openais_usage() {
+        let ollama = b"{\"response\":\"!\",\"done\":false}\n{\"done\":true,\"prompt_eval_count\":26,\"eval_count\":290}\n";
+        assert_eq!(usage(ollama), Some((26, 290)));
+        let openai = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":12,\"total_tokens\":21}}\n\n";
+        assert_eq!(usage(openai), Some((9, 12)));
+        assert_eq!(usage(b"data: [DONE]\n\n"), None);
     }
 }

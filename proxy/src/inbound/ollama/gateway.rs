@@ -140,6 +140,7 @@ impl Shared {
                 slot.set_outcome(Outcome::Succeeded);
                 if let Some(g) = generation.as_mut() {
                     g.answered(rsp.status().as_u16());
+                    g.watch(rsp.body_mut());
                 }
                 rsp.body_mut().on_end(move |error| {
                     let mut slot = slot;
