@@ -63,9 +63,10 @@ impl AccessRecord {
         }
     }
 
-    /// Takes the request's trace context and its open span, if a trace layer set them.
+    /// Takes the request's trace context (handed over by the trace layer above) and its open
+    /// span, if it is sampled.
     pub fn trace<B>(&mut self, req: &mut Request<B>) {
-        self.trace = req.extensions().get::<TraceContext>().copied();
+        self.trace = crate::trace::take_handoff();
         if self.trace.is_some_and(|t| t.sampled) {
             self.span = req.extensions_mut().remove::<Pending>();
         }

@@ -1,6 +1,7 @@
 //! One span per attempt of a retried request, a child of the request's client span: its
 //! number, the endpoint it went to and how it ended. Only sampled requests under a retry
-//! policy build them.
+//! policy build them, and they are exported only when a second attempt was made. The agent's
+//! identity is on the client span and the resource, not repeated here.
 
 use super::context::TraceContext;
 use super::span::{Kind, Span};
@@ -12,6 +13,10 @@ use crate::state::Route;
 use http::Response;
 use opentelemetry::KeyValue;
 use std::sync::Arc;
+
+/// An attempt's span, ended (its end time taken) but not yet exported.
+#[derive(Debug)]
+pub struct Finished(opentelemetry_sdk::trace::SpanData);
 
 /// The attempts of one sampled request.
 #[derive(Debug)]
@@ -25,9 +30,11 @@ pub struct Attempts {
 impl Attempts {
     /// `Some` when the request is sampled (a trace layer above left its tracer).
     pub fn of(ext: &http::Extensions) -> Option<Self> {
-        let tracer = ext.get::<Recording>()?.0.clone();
-        let parent = *ext.get::<TraceContext>()?;
-        Some(Self { tracer, parent })
+        let r = ext.get::<Recording>()?;
+        Some(Self {
+            tracer: r.tracer.clone(),
+            parent: r.parent,
+        })
     }
 
     pub fn start(&self, attempt: u32) -> Span {
@@ -38,7 +45,6 @@ impl Attempts {
             Some(self.parent.span_id),
             false,
         );
-        self.tracer.identity(&mut span);
         span.set(KeyValue::new("mesh.attempt", i64::from(attempt)));
         span.set(KeyValue::new(
             "http.request.resend_count",
@@ -47,14 +53,14 @@ impl Attempts {
         span
     }
 
-    /// Ends an attempt's span with the endpoint it went to and its outcome.
-    pub fn end(
+    /// Records the endpoint an attempt went to and its outcome; [`Attempts::send`] exports it.
+    pub fn finish(
         &self,
         mut span: Span,
         res: &Result<Response<ProxyBody>, ProxyError>,
         route: Option<&Route>,
         tried: &Tried,
-    ) {
+    ) -> Finished {
         let endpoint = route
             .zip(tried.last())
             .and_then(|(r, i)| r.backend.endpoints.get(i));
@@ -90,6 +96,10 @@ impl Attempts {
             }
         };
         span.set(KeyValue::new("mesh.attempt.outcome", outcome));
-        self.tracer.end(span);
+        Finished(span.end(self.tracer.scope()))
+    }
+
+    pub fn send(&self, span: Finished) {
+        self.tracer.export(span.0);
     }
 }

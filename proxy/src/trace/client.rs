@@ -68,10 +68,13 @@ where
                 tracer: tracer.clone(),
                 span: Box::new(span),
             });
-            req.extensions_mut().insert(Recording(tracer.clone()));
+            req.extensions_mut().insert(Recording {
+                tracer: tracer.clone(),
+                parent: ctx,
+            });
         }
-        req.extensions_mut().insert(ctx);
-        self.inner.call(req)
+        let inner = &mut self.inner;
+        super::hand_over(ctx, move || inner.call(req))
     }
 }
 

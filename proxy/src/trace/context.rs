@@ -77,19 +77,28 @@ impl TraceContext {
 /// `tracestate` with it). With `b3`, B3 headers are read when there is no valid `traceparent`,
 /// and every B3 header is removed: the next hop gets W3C only.
 pub fn extract(headers: &mut HeaderMap, b3: bool) -> Incoming {
-    let mut parent = match headers.get(TRACEPARENT) {
-        Some(v) => parse_traceparent(v.as_bytes()),
-        None => None,
+    // One pass over the names finds which trace headers are there; most requests carry none,
+    // and a pass over a handful of names costs less than the lookups that would miss.
+    let seen = headers
+        .keys()
+        .fold(0u8, |acc, name| acc | trace_header(name));
+    if seen == 0 {
+        return Incoming::default();
+    }
+    let mut parent = match seen & SEEN_TRACEPARENT {
+        0 => None,
+        _ => headers
+            .get(TRACEPARENT)
+            .and_then(|v| parse_traceparent(v.as_bytes())),
     };
     let mut state = None;
-    if parent.is_some() {
+    if parent.is_some() && seen & SEEN_TRACESTATE != 0 {
         state = headers
             .get(TRACESTATE)
             .filter(|v| valid_tracestate(v.as_bytes()))
             .cloned();
     }
-    // One pass over the names instead of six lookups: most requests carry no B3 at all.
-    if b3 && headers.keys().any(is_b3) {
+    if b3 && seen & SEEN_B3 != 0 {
         if parent.is_none() {
             parent = headers
                 .get(B3)
@@ -107,17 +116,27 @@ pub fn extract(headers: &mut HeaderMap, b3: bool) -> Incoming {
             headers.remove(name);
         }
     }
-    let stale_state = state.is_none() && headers.contains_key(TRACESTATE);
     Incoming {
         parent,
+        stale_state: state.is_none() && seen & SEEN_TRACESTATE != 0,
         state,
-        stale_state,
     }
 }
 
-fn is_b3(name: &HeaderName) -> bool {
+const SEEN_TRACEPARENT: u8 = 1;
+const SEEN_TRACESTATE: u8 = 1 << 1;
+const SEEN_B3: u8 = 1 << 2;
+
+/// Which trace header `name` is, as a bit of the mask [`extract`] builds.
+fn trace_header(name: &HeaderName) -> u8 {
     let n = name.as_str();
-    n == "b3" || n.starts_with("x-b3-")
+    match n.len() {
+        11 if n == "traceparent" => SEEN_TRACEPARENT,
+        10 if n == "tracestate" => SEEN_TRACESTATE,
+        2 if n == "b3" => SEEN_B3,
+        _ if n.starts_with("x-b3-") => SEEN_B3,
+        _ => 0,
+    }
 }
 
 /// Writes `ctx` as the request's context for the next hop, with the `tracestate` that came in.

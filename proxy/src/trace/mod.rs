@@ -39,9 +39,33 @@ pub struct Tracer {
     scope: InstrumentationScope,
 }
 
-/// The tracer of a sampled request, for the layers below that record child spans.
+/// The tracer of a sampled request and the span its layers below record children of.
 #[derive(Clone, Debug)]
-pub struct Recording(pub Arc<Tracer>);
+pub struct Recording {
+    pub tracer: Arc<Tracer>,
+    pub parent: TraceContext,
+}
+
+thread_local! {
+    /// The context a trace layer hands to the access record of the layer right below it. The
+    /// access layer's `call` runs inside the trace layer's `call`, on the same thread, so a
+    /// cell is enough, and it spares every request an `Extensions` insert and lookup.
+    static HANDOFF: std::cell::Cell<Option<TraceContext>> = const { std::cell::Cell::new(None) };
+}
+
+/// Calls `inner` with `ctx` handed to the access record it opens.
+pub(crate) fn hand_over<R>(ctx: TraceContext, inner: impl FnOnce() -> R) -> R {
+    HANDOFF.with(|h| h.set(Some(ctx)));
+    let out = inner();
+    // Not taken (no access layer below): it must not reach another request's record.
+    HANDOFF.with(|h| h.set(None));
+    out
+}
+
+/// The context handed over for the request being accounted, if any.
+pub(crate) fn take_handoff() -> Option<TraceContext> {
+    HANDOFF.with(|h| h.take())
+}
 
 /// The span a layer opened for the request, handed to the access record that ends it.
 #[derive(Clone, Debug)]
@@ -97,6 +121,15 @@ impl Tracer {
     /// Ends `span` and hands it to the exporter (dropped and counted when the queue is full).
     pub fn end(&self, span: Span) {
         self.queue.send(span.end(&self.scope));
+    }
+
+    /// Hands a span ended earlier to the exporter.
+    pub fn export(&self, span: opentelemetry_sdk::trace::SpanData) {
+        self.queue.send(span);
+    }
+
+    pub fn scope(&self) -> &InstrumentationScope {
+        &self.scope
     }
 
     /// The Rule 28 attributes every span of this sidecar carries.

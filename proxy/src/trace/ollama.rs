@@ -40,9 +40,11 @@ struct Model {
 impl GatewaySpans {
     /// `Some` when the request is sampled.
     pub fn of(ext: &http::Extensions) -> Option<Self> {
-        let tracer = ext.get::<Recording>()?.0.clone();
-        let parent = *ext.get::<TraceContext>()?;
-        Some(Self { tracer, parent })
+        let r = ext.get::<Recording>()?;
+        Some(Self {
+            tracer: r.tracer.clone(),
+            parent: r.parent,
+        })
     }
 
     fn child(&self, name: impl Into<std::borrow::Cow<'static, str>>, kind: Kind) -> Span {
