@@ -331,3 +331,73 @@ async fn access_lines_name_the_trace_also_when_it_is_not_sampled() {
     assert_eq!(v["span_id"], span.as_str());
     assert!(collector.spans().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_fallbacks_and_deadlines_are_span_events() {
+    let collector = otlp::collector().await;
+    let broken = server::fixed(200, "ok").run().await;
+    broken.set_failing(true);
+    let slow = server::fixed(200, "late")
+        .delay(std::time::Duration::from_secs(5))
+        .run()
+        .await;
+    let snap = snapshot(1)
+        .service(
+            service("tr-open")
+                .endpoint(broken.addr())
+                .policy("retry", "{ max_attempts = 1 }")
+                .policy("ejection", "{ enabled = false }")
+                .policy(
+                    "breaker",
+                    "{ consecutive_failures = 1, failure_ratio = 0.0, cooldown = \"30s\" }",
+                )
+                .policy(
+                    "fallback",
+                    "{ kind = \"static\", status = 200, body = { answer = \"cached\" } }",
+                ),
+        )
+        .service(
+            service("tr-slow")
+                .endpoint(slow.addr())
+                .timeout("100ms")
+                .policy("retry", "{ max_attempts = 1 }"),
+        );
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    // The first failure opens the breaker; the next call gets the fallback.
+    assert_eq!(c.get("tr-open", "/").await.status, 503);
+    mesh_tests::eventually("the breaker to open", || async {
+        let text = scrape(sidecar.admin()).await;
+        let state = metric_value(
+            &text,
+            "agent_circuit_breaker_state",
+            &[("target", "tr-open"), ("endpoint", "")],
+        );
+        (state == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(c.get("tr-open", "/").await.status, 200);
+    assert_eq!(c.get("tr-slow", "/").await.status, 504);
+
+    let spans = collector.wait_spans(3).await;
+    let fallback = spans
+        .iter()
+        .find(|s| s.events.iter().any(|e| e == "fallback"))
+        .unwrap_or_else(|| panic!("no fallback event: {spans:#?}"));
+    assert!(fallback.events.iter().any(|e| e == "breaker.short_circuit"));
+    assert_eq!(fallback.attributes["http.response.status_code"], "200");
+    let expired = spans
+        .iter()
+        .find(|s| s.attributes["server.address"] == "tr-slow")
+        .unwrap();
+    assert!(
+        expired.events.iter().any(|e| e == "deadline.expired"),
+        "{expired:#?}"
+    );
+    assert_eq!(expired.attributes["error.type"], "timeout");
+    assert!(expired.error);
+}
