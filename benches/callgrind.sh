@@ -60,7 +60,7 @@ wait_port "$up"
 
 # An OTLP/HTTP sink for `@trace=` runs: reads each export, answers 200 with an empty body.
 sink="$(free_port)"
-python3 - "$sink" <<'PY' &
+python3 - "$sink" 2>/dev/null <<'PY' &
 import http.server, sys
 class Sink(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

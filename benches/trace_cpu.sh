@@ -59,7 +59,7 @@ pids+=($!)
 wait_port "$up"
 
 sink="$(free_port)"
-python3 - "$sink" <<'PY' &
+python3 - "$sink" 2>/dev/null <<'PY' &
 import http.server, sys
 class Sink(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
