@@ -3,6 +3,10 @@
 # what else the machine runs, so it ranks two builds measured on a busy host.
 #
 #   bash benches/callgrind.sh BIN [BIN...]   # release mesh-proxy binaries to compare
+#   bash benches/callgrind.sh BIN BIN@trace=0 BIN@trace=1   # tracing off, sampled out, all
+#
+# `BIN@trace=RATIO` runs BIN with a bootstrap `[trace]` section (exporting to a local OTLP
+# sink that answers every export 200) and `[trace] sampling = RATIO` in its snapshot.
 #
 # Each binary runs under `valgrind --tool=callgrind` with one worker thread and the access log
 # on, routing service `up` (default resilience) to an nginx on 127.0.0.1 serving a 100-byte
@@ -54,12 +58,35 @@ nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" &
 pids+=($!)
 wait_port "$up"
 
+# An OTLP/HTTP sink for `@trace=` runs: reads each export, answers 200 with an empty body.
+sink="$(free_port)"
+python3 - "$sink" 2>/dev/null <<'PY' &
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+PY
+pids+=($!)
+wait_port "$sink"
+
 first=""
 n=0
-for bin in "$@"; do
+for arg in "$@"; do
+    bin="${arg%%@trace=*}"
+    ratio=""
+    [[ "$arg" == *@trace=* ]] && ratio="${arg##*@trace=}"
     out="$(free_port)"
     admin="$(free_port)"
     printf 'version = 1\n\n[[services]]\nname = "up"\nendpoints = ["127.0.0.1:%s"]\n' "$up" >"$tmp/snapshot.toml"
+    [[ -z "$ratio" ]] || printf '\n[trace]\nsampling = %s\n' "$ratio" >>"$tmp/snapshot.toml"
     cat >"$tmp/bootstrap.toml" <<EOF
 agent = "bench"
 phase = "critical"
@@ -77,6 +104,7 @@ worker_threads = 1
 [drain]
 grace = "1s"
 EOF
+    [[ -z "$ratio" ]] || printf '\n[trace]\nendpoint = "http://127.0.0.1:%s"\n' "$sink" >>"$tmp/bootstrap.toml"
     valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" "$bin" --config "$tmp/bootstrap.toml" \
         >/dev/null 2>"$tmp/valgrind.log" &
     pid=$!
@@ -93,6 +121,6 @@ EOF
     fi
     per=$((total / 12000))
     [[ -n "$first" ]] || first="$per"
-    ratio="$(python3 -c "print(f'{$per / $first:.3f}')")"
-    echo "$bin: $per instructions / request (x$ratio vs the first)"
+    vs="$(python3 -c "print(f'{$per / $first:.3f}')")"
+    echo "$arg: $per instructions / request (x$vs vs the first)"
 done

@@ -44,11 +44,43 @@ pub struct TargetPolicy {
     pub resilience: Resilience,
 }
 
-/// `[trace]`: the share of requests sampled for tracing.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+/// `[trace]`: the share of new traces sampled (a caller's decision is kept), mesh-wide and,
+/// under `[trace.phases]`, per phase of the sidecar that starts the trace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trace {
     pub sampling: f64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub phases: BTreeMap<Phase, f64>,
+}
+
+// === impl Trace ===
+
+impl Trace {
+    /// The ratio for a sidecar of `phase`.
+    pub fn ratio(&self, phase: Phase) -> f64 {
+        self.phases.get(&phase).copied().unwrap_or(self.sampling)
+    }
+
+    /// Every ratio is in [0, 1]; the error names the key.
+    pub fn check(&self) -> Result<(), Invalid> {
+        use PathSeg::*;
+        if !(0.0..=1.0).contains(&self.sampling) {
+            return Err(invalid(
+                vec![Key("trace"), Key("sampling")],
+                "must be in [0, 1]",
+            ));
+        }
+        for (phase, r) in &self.phases {
+            if !(0.0..=1.0).contains(r) {
+                return Err(invalid(
+                    vec![Key("trace"), Key("phases"), Name(phase.as_str().to_owned())],
+                    "must be in [0, 1]",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The merged, validated policy of a directory.
@@ -202,7 +234,7 @@ impl Policy {
             services,
             routes,
             budget: None,
-            trace: self.trace,
+            trace: self.trace.clone(),
             identity: self.identity,
             authorization: self.authorization.clone(),
             ollama: self.ollama.clone(),
@@ -221,12 +253,7 @@ impl Policy {
             a.validate()?;
         }
         if let Some(t) = &self.trace {
-            if !(0.0..=1.0).contains(&t.sampling) {
-                return Err(invalid(
-                    vec![Key("trace"), Key("sampling")],
-                    "must be in [0, 1]",
-                ));
-            }
+            t.check()?;
         }
         // Route syntax is checked against a stand-in service per backend; whether a backend
         // exists is decided per catalog, not here.
@@ -410,6 +437,27 @@ mod tests {
 
     fn err(files: &[(&str, &str)]) -> String {
         load(files).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn trace_sampling_has_per_phase_overrides_that_reach_the_snapshot() {
+        let policy = load(&[(
+            "t.toml",
+            "[trace]\nsampling = 0.1\n[trace.phases]\ncritical = 1.0\n",
+        )])
+        .unwrap();
+        let (snap, _) = policy.snapshot(&Catalog::default(), 1);
+        let trace = snap.trace.expect("the snapshot carries [trace]");
+        assert_eq!(trace.ratio(Phase::Critical), 1.0);
+        assert_eq!(trace.ratio(Phase::Specialized), 0.1);
+        let e = err(&[(
+            "t.toml",
+            "[trace]\nsampling = 0.1\n[trace.phases]\ncritical = 2.0\n",
+        )]);
+        assert!(
+            e.contains("trace.phases.critical: must be in [0, 1]"),
+            "{e}"
+        );
     }
 
     #[test]

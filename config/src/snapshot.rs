@@ -210,14 +210,8 @@ impl Snapshot {
         if let Some(b) = &self.budget {
             b.validate().map_err(|r| invalid(vec![Key("budget")], r))?;
         }
-        if self
-            .trace
-            .is_some_and(|t| !(0.0..=1.0).contains(&t.sampling))
-        {
-            return Err(invalid(
-                vec![Key("trace"), Key("sampling")],
-                "must be in [0, 1]",
-            ));
+        if let Some(t) = &self.trace {
+            t.check()?;
         }
         if let Some(a) = &self.authorization {
             a.validate()?;

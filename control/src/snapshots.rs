@@ -193,6 +193,8 @@ mod tests {
         let view: Snapshot = serde_json::from_slice(&gen.view(Some(Phase::Critical))).unwrap();
         assert_eq!(view.version, 5);
         assert_eq!(view.budget.unwrap().phase, Phase::Critical);
+        // The shipped policy's `[trace] sampling` reaches every sidecar (Rule 28).
+        assert_eq!(view.trace.as_ref().map(|t| t.sampling), Some(0.1));
         let bare: Snapshot = serde_json::from_slice(&gen.view(None)).unwrap();
         assert!(bare.budget.is_none());
         // The same inputs make the same content under another version.

@@ -6,6 +6,7 @@ use crate::errors::ProxyError;
 use crate::log::json_str;
 use crate::metrics::TargetMetrics;
 use crate::state::Route;
+use crate::trace::{context::TraceContext, FallbackUsed, Pending};
 use futures_util::future::BoxFuture;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -31,6 +32,10 @@ pub struct AccessRecord {
     detail: Option<String>,
     log: bool,
     done: bool,
+    /// The request's trace context (sampled or not), for the line's `trace_id` and `span_id`.
+    trace: Option<TraceContext>,
+    /// The span this request's answer ends, when it is sampled.
+    span: Option<Pending>,
 }
 
 impl AccessRecord {
@@ -53,6 +58,31 @@ impl AccessRecord {
             detail: None,
             log: log && crate::log::access_enabled(),
             done: false,
+            trace: None,
+            span: None,
+        }
+    }
+
+    /// Takes the request's trace context (handed over by the trace layer above) and its open
+    /// span, if it is sampled.
+    pub fn trace<B>(&mut self, req: &mut Request<B>) {
+        self.trace = crate::trace::take_handoff();
+        if self.trace.is_some_and(|t| t.sampled) {
+            self.span = req.extensions_mut().remove::<Pending>();
+        }
+    }
+
+    /// Notes a fallback that answered for the target on the open span.
+    fn fallback(&mut self, used: Option<&FallbackUsed>) {
+        if let (Some(p), Some(used)) = (self.span.as_mut(), used) {
+            p.span.event(
+                "breaker.short_circuit",
+                vec![opentelemetry::KeyValue::new("reason", "breaker open")],
+            );
+            p.span.event(
+                "fallback",
+                vec![opentelemetry::KeyValue::new("fallback.kind", used.0)],
+            );
         }
     }
 
@@ -65,6 +95,22 @@ impl AccessRecord {
         self.error = Some(err.kind());
         if self.log {
             self.detail = Some(err.to_string());
+        }
+        if let Some(p) = self.span.as_mut() {
+            let name = match err {
+                ProxyError::BreakerOpen { .. } => "breaker.short_circuit",
+                ProxyError::Timeout { .. } => "deadline.expired",
+                ProxyError::RateLimited { .. } => "rate_limit.refused",
+                ProxyError::Queue { .. } => "ollama.queue.refused",
+                _ => "mesh.error",
+            };
+            p.span.event(
+                name,
+                vec![
+                    opentelemetry::KeyValue::new("error.type", err.kind()),
+                    opentelemetry::KeyValue::new("reason", err.to_string()),
+                ],
+            );
         }
     }
 
@@ -92,6 +138,26 @@ impl AccessRecord {
         }
         if self.log {
             self.write_line(elapsed, bytes, error);
+        }
+        if let Some(Pending { tracer, mut span }) = self.span.take() {
+            use opentelemetry::KeyValue;
+            if self.status != 0 {
+                span.set(KeyValue::new(
+                    "http.response.status_code",
+                    self.status as i64,
+                ));
+            }
+            span.set(KeyValue::new("http.response.body.size", bytes as i64));
+            let failed = match error {
+                Some(kind) => Some(kind.to_owned()),
+                None if self.status >= 500 => Some(self.status.to_string()),
+                None => None,
+            };
+            if let Some(kind) = failed {
+                span.set(KeyValue::new("error.type", kind.clone()));
+                span.fail(kind);
+            }
+            tracer.end(*span);
         }
     }
 
@@ -142,6 +208,13 @@ impl AccessRecord {
         if let Some(detail) = &self.detail {
             out.extend_from_slice(b",\"detail\":");
             json_str(out, detail);
+        }
+        if let Some(t) = &self.trace {
+            out.extend_from_slice(b",\"trace_id\":\"");
+            out.extend_from_slice(&t.trace_id_hex());
+            out.extend_from_slice(b"\",\"span_id\":\"");
+            out.extend_from_slice(&t.span_id_hex());
+            out.push(b'"');
         }
         out.extend_from_slice(b"}\n");
     }
@@ -222,13 +295,14 @@ where
         }
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let metrics = req
             .extensions()
             .get::<Route>()
             .map(|r| r.backend.metrics.clone())
             .unwrap_or_else(|| self.fallback.clone());
         let mut record = AccessRecord::start(self.direction, metrics, &req, self.log);
+        record.trace(&mut req);
         let grpc = crate::grpc::is_grpc(&req);
         let direction = self.direction;
         let fut = self.inner.call(req);
@@ -236,6 +310,9 @@ where
             let mut rsp = match fut.await {
                 Ok(rsp) => {
                     record.set_response(rsp.status().as_u16());
+                    if record.span.is_some() {
+                        record.fallback(rsp.extensions().get::<FallbackUsed>());
+                    }
                     rsp
                 }
                 Err(e) => {

@@ -28,6 +28,8 @@ pub struct BoundAddrs {
 pub enum StartError {
     #[error("{0}")]
     Snapshot(#[from] LoadError),
+    #[error("{0}")]
+    Trace(#[from] crate::trace::export::ExportError),
     #[error("cannot listen on {addr} ({listener}): {source}")]
     Bind {
         listener: &'static str,
@@ -71,6 +73,10 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         .and_then(crate::control_client::load_persisted);
     let initial = persisted.unwrap_or(initial);
     let state = State::new(&boot.agent, boot.phase, initial);
+    let tracer = match &boot.trace {
+        Some(cfg) => Some(crate::trace::Tracer::start(&boot, cfg, &state)?),
+        None => None,
+    };
 
     let outbound_l = bind("outbound", boot.listen.outbound).await?;
     let inbound_l = match boot.listen.inbound {
@@ -122,7 +128,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         name: "outbound",
         listener: outbound_l,
         builder: builder.clone(),
-        service: outbound::stack(&boot, state.clone(), pools.clone()),
+        service: outbound::stack(&boot, state.clone(), pools.clone(), tracer.clone()),
         detect_timeout,
         tls: None,
         close_idle_after: boot.drain.close_idle_after,
@@ -134,7 +140,13 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             name: "upstream",
             listener,
             builder: builder.clone(),
-            service: outbound::upstream_stack(&boot, &service, state.clone(), pools.clone()),
+            service: outbound::upstream_stack(
+                &boot,
+                &service,
+                state.clone(),
+                pools.clone(),
+                tracer.clone(),
+            ),
             detect_timeout,
             tls: None,
             close_idle_after: boot.drain.close_idle_after,
@@ -157,7 +169,13 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             builder: builder.clone(),
             service: inbound::caller::CallerIdentity::new(
                 inbound::authz::Authorize::new(
-                    inbound::stack_with(&boot, &state, pools.clone(), limit.clone()),
+                    inbound::stack_with(
+                        &boot,
+                        &state,
+                        pools.clone(),
+                        limit.clone(),
+                        tracer.clone(),
+                    ),
                     state.clone(),
                     &boot.agent,
                 ),

@@ -39,11 +39,22 @@ pub struct ProxyBody {
     client: Option<crate::inbound::clients::ClientPermit>,
     record: Option<AccessRecord>,
     on_end: Option<OnEnd>,
+    /// Sees each data frame as it passes (the gateway reads token usage from a traced answer).
+    tap: Option<Tap>,
     /// The upstream connection, returned to its pool when the body ends.
     conn: Option<crate::outbound::pool::Checkin>,
     idle: Option<IdleTimer>,
     /// Outcomes judged when the body ends: the target's breaker and the endpoint's.
     settle: [Option<Settle>; 2],
+}
+
+/// Called with every data frame of the body, in order.
+pub struct Tap(Box<dyn FnMut(&Bytes) + Send + Sync>);
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tap")
+    }
 }
 
 /// Runs once when the body ends: with `None` when it ended cleanly, else the error kind
@@ -103,6 +114,7 @@ impl ProxyBody {
             client: None,
             record: None,
             on_end: None,
+            tap: None,
             conn: None,
             idle: None,
             settle: [None, None],
@@ -137,6 +149,11 @@ impl ProxyBody {
     /// Holds the calling address's place at the inbound limit until the body ends or is dropped.
     pub fn hold_client(&mut self, client: crate::inbound::clients::ClientPermit) {
         self.client = Some(client);
+    }
+
+    /// Shows `f` every data frame as it passes to the caller.
+    pub fn tap(&mut self, f: impl FnMut(&Bytes) + Send + Sync + 'static) {
+        self.tap = Some(Tap(Box::new(f)));
     }
 
     /// Calls `f` when the body ends or is dropped (a gateway slot is released there).
@@ -225,6 +242,9 @@ impl Body for ProxyBody {
             Some(Ok(f)) => {
                 if let Some(data) = f.data_ref() {
                     this.bytes += data.len() as u64;
+                    if let Some(Tap(tap)) = this.tap.as_mut() {
+                        tap(data);
+                    }
                 }
                 if this.inner_is_end() {
                     this.end(None);

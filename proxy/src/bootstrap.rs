@@ -43,6 +43,43 @@ pub struct Bootstrap {
     /// `[[upstreams]]`: local ports that each stand for one target, whatever the Host.
     #[serde(default)]
     pub upstreams: Vec<UpstreamPort>,
+    /// `[trace]`: spans exported to an OpenTelemetry collector; absent, no tracing at all.
+    #[serde(default)]
+    pub trace: Option<Trace>,
+}
+
+/// `[trace]`: where spans go and how much may wait for the collector. The sampling ratio is
+/// policy (`[trace] sampling` in the snapshot), not bootstrap.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trace {
+    /// The collector, e.g. `http://otel-collector:4318` (`/v1/traces` is added).
+    pub endpoint: String,
+    #[serde(default)]
+    pub protocol: TraceProtocol,
+    /// Spans waiting for export; beyond this they are dropped and counted.
+    #[serde(default = "default_trace_queue")]
+    pub queue_size: usize,
+    /// Spans per export request.
+    #[serde(default = "default_trace_batch")]
+    pub max_batch: usize,
+    /// Longest a span waits for its batch to fill.
+    #[serde(with = "humantime_serde", default = "default_trace_flush")]
+    pub flush_interval: Duration,
+    /// Longest one export request may take.
+    #[serde(with = "humantime_serde", default = "default_trace_timeout")]
+    pub export_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum TraceProtocol {
+    /// OTLP/HTTP with protobuf bodies (the collector's port 4318).
+    #[default]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+    /// OTLP/gRPC: named so the bootstrap can say it is not built in.
+    #[serde(rename = "grpc")]
+    Grpc,
 }
 
 /// `[[upstreams]]`: a local listener whose every request goes to `service`, as Consul
@@ -310,6 +347,29 @@ impl Bootstrap {
         if self.identity.is_some() && self.control.is_none() {
             return fail("identity: needs [control], whose CA signs the certificate");
         }
+        if let Some(t) = &self.trace {
+            if !(t.endpoint.starts_with("http://") || t.endpoint.starts_with("https://"))
+                || t.endpoint.parse::<http::Uri>().is_err()
+            {
+                return fail(
+                    "trace.endpoint: must be an http:// URL, e.g. http://otel-collector:4318",
+                );
+            }
+            if t.endpoint.starts_with("https://") {
+                return fail("trace.endpoint: https is not supported; the collector is reached over the host network (http://)");
+            }
+            if t.protocol == TraceProtocol::Grpc {
+                return fail("trace.protocol: \"grpc\" is not built into mesh-proxy; use \"http/protobuf\" (the collector's port 4318)");
+            }
+            if t.queue_size == 0 || t.max_batch == 0 {
+                return fail("trace.queue_size and trace.max_batch: must be at least 1");
+            }
+            if t.flush_interval.is_zero() || t.export_timeout.is_zero() {
+                return fail(
+                    "trace.flush_interval and trace.export_timeout: must be greater than zero",
+                );
+            }
+        }
         if self.snapshot.poll_interval.is_zero() {
             return fail("snapshot.poll_interval: must be greater than zero");
         }
@@ -350,6 +410,22 @@ impl Bootstrap {
 
 fn default_trust_domain() -> String {
     "mesh".into()
+}
+
+fn default_trace_queue() -> usize {
+    2048
+}
+
+fn default_trace_batch() -> usize {
+    512
+}
+
+fn default_trace_flush() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_trace_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 impl Default for Inbound {

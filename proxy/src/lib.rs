@@ -24,4 +24,5 @@ pub mod refusal;
 pub mod serve;
 pub mod snapshot_file;
 pub mod state;
+pub mod trace;
 pub mod upload;

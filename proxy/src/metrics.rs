@@ -41,6 +41,8 @@ pub const TLS_HANDSHAKES: &str = "agent_tls_handshakes_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "agent_tls_handshake_failures_total";
 pub const INBOUND_PLAINTEXT: &str = "agent_inbound_plaintext_requests_total";
 pub const AUTHZ_DENIED: &str = "agent_authz_denied_total";
+pub const TRACE_SPANS_DROPPED: &str = "agent_trace_spans_dropped_total";
+pub const TRACE_SPANS_EXPORTED: &str = "agent_trace_spans_exported_total";
 
 const QUEUE_WAIT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -145,6 +147,11 @@ fn describe() {
     );
     describe_gauge!(SNAPSHOT_VERSION, "Version of the snapshot in force.");
     describe_counter!(SNAPSHOT_APPLIED, "Snapshots applied.");
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "Spans not exported: queue_full (collector slow or down) or export_failed."
+    );
+    describe_counter!(TRACE_SPANS_EXPORTED, "Spans the collector accepted.");
     describe_counter!(SNAPSHOT_REJECTIONS, "Snapshots rejected as invalid.");
     describe_gauge!(INBOUND_QUEUE_DEPTH, "Requests waiting for an inbound slot.");
     describe_gauge!(

@@ -16,6 +16,7 @@ pub mod h2_peer;
 pub mod load;
 pub mod metrics;
 pub mod ollama;
+pub mod otlp;
 pub mod proxy;
 pub mod python;
 pub mod relay;

@@ -434,12 +434,18 @@ fn chunk(format: Format, i: usize, done: bool) -> Bytes {
     } else {
         format!("tok{i} ")
     };
+    // Like Ollama, the final chunk reports the tokens read (a fixed 7 here) and generated.
+    let counts = if done {
+        format!("\"prompt_eval_count\":7,\"eval_count\":{i},")
+    } else {
+        String::new()
+    };
     let text = match format {
         Format::Generate => format!(
-            "{{\"model\":\"fake\",\"response\":{token:?},\"done\":{done}}}\n"
+            "{{\"model\":\"fake\",\"response\":{token:?},{counts}\"done\":{done}}}\n"
         ),
         Format::Chat => format!(
-            "{{\"model\":\"fake\",\"message\":{{\"role\":\"assistant\",\"content\":{token:?}}},\"done\":{done}}}\n"
+            "{{\"model\":\"fake\",\"message\":{{\"role\":\"assistant\",\"content\":{token:?}}},{counts}\"done\":{done}}}\n"
         ),
         Format::Sse if done => "data: [DONE]\n\n".to_owned(),
         Format::Sse => format!(

@@ -93,7 +93,7 @@ pub fn render(
             agent_pair(&mut s, agent, &pairs[&agent.name]);
         }
     }
-    s.push_str("\nvolumes:\n  ollama-models:\n  ollama-gateway-state:\n  prometheus-data:\n  grafana-data:\n");
+    s.push_str("\nvolumes:\n  ollama-models:\n  ollama-gateway-state:\n  prometheus-data:\n  grafana-data:\n  tempo-data:\n");
     s.push_str("  # Each sidecar's last snapshot from mesh-control, kept across restarts.\n");
     for agent in &registry.agents {
         let _ = writeln!(s, "  {}-state:", agent.name);
@@ -344,6 +344,29 @@ const INFRA: &str = r#"
     deploy:
       resources:
         limits: {cpus: "0.25", memory: 256m}
+
+  # Tracing backend (Rule 28): the collector forwards traces here; Grafana's Tempo data source.
+  tempo:
+    <<: *hardened
+    image: grafana/tempo:2.6.1
+    profiles: [infrastructure, all]
+    user: "10001:10001"
+    command: ["-config.file=/etc/tempo/tempo.yml"]
+    restart: always
+    labels:
+      mesh.phase: infrastructure
+    volumes:
+      - ./deploy/tempo/tempo.yml:/etc/tempo/tempo.yml:ro
+      - tempo-data:/var/tempo
+    healthcheck:
+      test: ["CMD", "wget", "-qO", "/dev/null", "http://127.0.0.1:3200/ready"]
+      interval: 10s
+      timeout: 3s
+      retries: 5
+      start_period: 10s
+    deploy:
+      resources:
+        limits: {cpus: "0.25", memory: 512m}
 
   prometheus:
     <<: *hardened

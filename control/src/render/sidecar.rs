@@ -8,6 +8,8 @@ use mesh_config::Registry;
 pub const CONTROL_ADDRESS: &str = "mesh-control:15010";
 /// The Consul agent every sidecar registers its agent with.
 pub const CONSUL_ADDRESS: &str = "consul:8500";
+/// Where every sidecar exports its spans: the OpenTelemetry collector's OTLP/HTTP port.
+pub const TRACE_ENDPOINT: &str = "http://otel-collector:4318";
 
 /// The bootstrap of `agent`'s sidecar: inbound on its mesh port, concurrency from its budget.
 pub fn render(agent: &Agent, limits: &PairLimits) -> String {
@@ -50,6 +52,11 @@ persist = "/var/lib/mesh/snapshot.json"
 # and deregisters it before draining.
 [consul]
 address = "{CONSUL_ADDRESS}"
+
+# Rule 28: spans to the collector (OTLP/HTTP); the sampling ratio is policy ([trace] in
+# config/mesh/traffic.toml), pushed in the snapshot.
+[trace]
+endpoint = "{TRACE_ENDPOINT}"
 
 [drain]
 grace = "30s"
@@ -95,6 +102,11 @@ persist = "/var/lib/mesh/snapshot.json"
 
 [consul]
 address = "{CONSUL_ADDRESS}"
+
+# Rule 28: spans to the collector (OTLP/HTTP); the sampling ratio is policy ([trace] in
+# config/mesh/traffic.toml), pushed in the snapshot.
+[trace]
+endpoint = "{TRACE_ENDPOINT}"
 
 [drain]
 grace = "30s"

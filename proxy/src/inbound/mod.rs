@@ -1,6 +1,6 @@
 //! The inbound path: peers' calls to this sidecar's agent.
-//! `target (this agent) -> access log -> concurrency -> deadline -> timeout -> forward to the
-//! local app`, or, for the sidecar in front of Ollama, `target -> access log -> ollama gateway`.
+//! `target (this agent) -> server span (trace) -> access log -> concurrency -> deadline -> timeout -> forward to the
+//! local app`, or, for the sidecar in front of Ollama, `target -> server span -> access log -> ollama gateway`.
 //! The deadline honours the budget a peer sidecar propagated (`x-mesh-timeout-ms`).
 
 pub mod authz;
@@ -16,6 +16,7 @@ use crate::bootstrap::{Bootstrap, InboundMode};
 use crate::outbound::deadline::{DeadlineLayer, SetDeadline};
 use crate::outbound::{forward::Forward, pool::Pools, timeout::TimeoutLayer};
 use crate::state::State;
+use crate::trace::{server::ServerSpan, server::ServerSpanLayer, Tracer};
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -32,17 +33,25 @@ pub enum Stack {
 }
 
 pub type AppStack = target::LocalTarget<
-    crate::access_log::AccessLog<
-        concurrency::ConcurrencyLimit<SetDeadline<crate::outbound::timeout::Timeout<Forward>>>,
+    ServerSpan<
+        crate::access_log::AccessLog<
+            concurrency::ConcurrencyLimit<SetDeadline<crate::outbound::timeout::Timeout<Forward>>>,
+        >,
     >,
 >;
 
-pub fn stack(boot: &Bootstrap, state: &Arc<State>, pools: Arc<Pools>) -> Stack {
+pub fn stack(
+    boot: &Bootstrap,
+    state: &Arc<State>,
+    pools: Arc<Pools>,
+    tracer: Option<Arc<Tracer>>,
+) -> Stack {
     stack_with(
         boot,
         state,
         pools,
         concurrency::ConcurrencyLayer::new(&boot.inbound),
+        tracer,
     )
 }
 
@@ -52,10 +61,11 @@ pub fn stack_with(
     state: &Arc<State>,
     pools: Arc<Pools>,
     limit: concurrency::ConcurrencyLayer,
+    tracer: Option<Arc<Tracer>>,
 ) -> Stack {
     match boot.inbound.mode {
-        InboundMode::App => Stack::App(app_stack(boot, pools, limit)),
-        InboundMode::Ollama => Stack::Ollama(ollama::stack(boot, state)),
+        InboundMode::App => Stack::App(app_stack(boot, pools, limit, tracer)),
+        InboundMode::Ollama => Stack::Ollama(ollama::stack(boot, state, tracer)),
     }
 }
 
@@ -63,11 +73,13 @@ fn app_stack(
     boot: &Bootstrap,
     pools: Arc<Pools>,
     limit: concurrency::ConcurrencyLayer,
+    tracer: Option<Arc<Tracer>>,
 ) -> AppStack {
     let local = target::LocalTargetLayer::new(boot);
     let fallback = local.metrics();
     ServiceBuilder::new()
         .layer(local)
+        .layer(ServerSpanLayer::new(tracer))
         .layer(AccessLogLayer::new("inbound", fallback, boot.log.access))
         .layer(limit)
         .layer(DeadlineLayer)

@@ -141,6 +141,11 @@ impl EndpointSet {
         }
     }
 
+    /// The endpoint at `index` (as [`Picked::index`] names it).
+    pub fn get(&self, index: usize) -> Option<&Arc<Endpoint>> {
+        self.endpoints.get(index)
+    }
+
     /// Turns outlier ejection on for this set.
     pub fn with_ejection(mut self, params: Option<eject::Params>) -> Self {
         self.ejection = params;

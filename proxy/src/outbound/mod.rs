@@ -1,5 +1,5 @@
 //! The outbound path: an agent's calls to other agents, in the order a request meets them.
-//! `route -> access log -> limit (Ollama rate) -> deadline -> timeout -> breaker (fallback) ->
+//! `route -> client span (trace) -> access log -> limit (Ollama rate) -> deadline -> timeout -> breaker (fallback) ->
 //! retry -> forward (balance with ejection and endpoint breakers, pool)`. Each policy is a tower
 //! layer in its own file; adding one is a file and a line in [`stack`].
 //!
@@ -29,6 +29,7 @@ use crate::access_log::AccessLogLayer;
 use crate::bootstrap::Bootstrap;
 use crate::metrics::TargetMetrics;
 use crate::state::State;
+use crate::trace::{client::ClientSpanLayer, Tracer};
 use std::sync::Arc;
 use tower::ServiceBuilder;
 
@@ -36,19 +37,26 @@ pub use route::CALLER_HEADER;
 
 /// The outbound service, outermost layer first.
 pub type Stack = route::RouteService<
-    crate::access_log::AccessLog<
-        limit::RateLimit<
-            deadline::SetDeadline<
-                timeout::Timeout<breaker::CircuitBreaker<retry::Retry<forward::Forward>>>,
+    crate::trace::client::ClientSpan<
+        crate::access_log::AccessLog<
+            limit::RateLimit<
+                deadline::SetDeadline<
+                    timeout::Timeout<breaker::CircuitBreaker<retry::Retry<forward::Forward>>>,
+                >,
             >,
         >,
     >,
 >;
 
 /// Builds the outbound service shared by every outbound connection.
-pub fn stack(boot: &Bootstrap, state: Arc<State>, pools: Arc<pool::Pools>) -> Stack {
+pub fn stack(
+    boot: &Bootstrap,
+    state: Arc<State>,
+    pools: Arc<pool::Pools>,
+    tracer: Option<Arc<Tracer>>,
+) -> Stack {
     let route = route::RouteLayer::new(&boot.agent, state.clone(), boot.log.access);
-    stack_with(boot, route, state, pools)
+    stack_with(boot, route, state, pools, tracer)
 }
 
 /// The same stack for an upstream port (`[[upstreams]]`): every request goes to `service`.
@@ -57,9 +65,10 @@ pub fn upstream_stack(
     service: &str,
     state: Arc<State>,
     pools: Arc<pool::Pools>,
+    tracer: Option<Arc<Tracer>>,
 ) -> Stack {
     let route = route::RouteLayer::new(&boot.agent, state.clone(), boot.log.access);
-    stack_with(boot, route.fixed(service), state, pools)
+    stack_with(boot, route.fixed(service), state, pools, tracer)
 }
 
 fn stack_with(
@@ -67,10 +76,12 @@ fn stack_with(
     route: route::RouteLayer,
     state: Arc<State>,
     pools: Arc<pool::Pools>,
+    tracer: Option<Arc<Tracer>>,
 ) -> Stack {
     let fallback = TargetMetrics::new("outbound", &boot.agent, boot.phase.as_str(), "");
     ServiceBuilder::new()
         .layer(route)
+        .layer(ClientSpanLayer::new(tracer))
         .layer(AccessLogLayer::new("outbound", fallback, boot.log.access))
         .layer(limit::RateLimitLayer::new())
         .layer(deadline::DeadlineLayer)

@@ -74,6 +74,16 @@ pub struct Slot {
     phase: Phase,
     granted: Instant,
     outcome: Outcome,
+    /// Where the request stood in the queue when it entered, and why it had to wait.
+    entry: Entry,
+}
+
+/// A request's place when it joined the queue (1-based), and what it waited for: `slots_busy`
+/// (every slot taken), `breaker_probe` (Ollama on probation), or `none` (a slot was free).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub position: usize,
+    pub reason: &'static str,
 }
 
 /// The request side's way to the dispatcher; cheap to share.
@@ -102,6 +112,7 @@ struct Waiter {
     phase: Phase,
     since: Instant,
     reply: oneshot::Sender<Admission>,
+    entry: Entry,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +173,10 @@ impl Slot {
 
     pub fn set_outcome(&mut self, outcome: Outcome) {
         self.outcome = outcome;
+    }
+
+    pub fn entry(&self) -> Entry {
+        self.entry
     }
 }
 
@@ -274,6 +289,7 @@ impl Dispatcher {
                 phase,
                 granted: Instant::now(),
                 outcome: Outcome::Cancelled,
+                entry: item.entry,
             };
             match item.reply.send(Admission::Granted(slot)) {
                 Ok(()) => {
@@ -317,13 +333,27 @@ impl Dispatcher {
             phase: self.params.queue.get(phase),
             caller: self.params.per_agent_queue,
         };
+        let reason = match self.breaker {
+            Breaker::HalfOpen { probing: true } => "breaker_probe",
+            _ if self.busy >= self.params.parallel => "slots_busy",
+            _ => "none",
+        };
         let waiter = Waiter {
             phase,
             since: now,
             reply,
+            entry: Entry {
+                position: 0,
+                reason,
+            },
         };
         match self.queue.push(phase, caller, id, waiter, bounds) {
-            Ok(_) => self.metrics.depth[phase as usize].set(self.queue.len(phase) as f64),
+            Ok(position) => {
+                if let Some(w) = self.queue.get_mut(id) {
+                    w.entry.position = position;
+                }
+                self.metrics.depth[phase as usize].set(self.queue.len(phase) as f64)
+            }
             Err((full, waiter)) => {
                 let (reason, position) = match full {
                     Full::Phase { len } => (Reason::QueueFull, self.ahead_of(phase) + len + 1),

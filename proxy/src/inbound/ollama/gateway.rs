@@ -103,6 +103,7 @@ impl Shared {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let policy = self.policy.load_full();
         let api = Api::of(req.uri().path());
+        let spans = crate::trace::ollama::GatewaySpans::of(req.extensions());
         let caller = policy.caller(
             req.headers()
                 .get(CALLER_HEADER)
@@ -124,10 +125,23 @@ impl Shared {
             return self.forward(parts, body, timeout, idle).await;
         }
 
-        let mut slot = self.admit(&caller, policy.params.queue_timeout).await?;
+        let queued_at = std::time::SystemTime::now();
+        let admitted = self.admit(&caller, policy.params.queue_timeout).await;
+        if let Some(spans) = &spans {
+            let entry = admitted.as_ref().map(|slot| slot.entry());
+            spans.queued(queued_at, &caller.name, caller.phase.as_str(), entry);
+        }
+        let mut slot = admitted?;
+        let mut generation = spans
+            .as_ref()
+            .map(|s| s.generation(parts.uri.path(), &body, self.ollama.as_str()));
         match self.forward(parts, body, timeout, idle).await {
             Ok(mut rsp) => {
                 slot.set_outcome(Outcome::Succeeded);
+                if let Some(g) = generation.as_mut() {
+                    g.answered(rsp.status().as_u16());
+                    g.watch(rsp.body_mut());
+                }
                 rsp.body_mut().on_end(move |error| {
                     let mut slot = slot;
                     match error {
@@ -135,10 +149,16 @@ impl Shared {
                         Some(kind) if broken_by_upstream(kind) => slot.set_outcome(Outcome::Failed),
                         Some(_) => slot.set_outcome(Outcome::Cancelled),
                     }
+                    if let Some(g) = generation {
+                        g.end(error.map(str::to_owned));
+                    }
                 });
                 Ok(rsp)
             }
             Err(e) => {
+                if let Some(g) = generation {
+                    g.end(Some(e.kind().to_owned()));
+                }
                 let outcome = match e {
                     ProxyError::Unavailable { .. } | ProxyError::UpstreamFailed { .. } => {
                         Outcome::Failed

@@ -16,6 +16,8 @@ use crate::access_log::{AccessLog, AccessLogLayer};
 use crate::bootstrap::Bootstrap;
 use crate::inbound::target::{LocalTarget, LocalTargetLayer};
 use crate::state::State;
+use crate::trace::server::{ServerSpan, ServerSpanLayer};
+use crate::trace::Tracer;
 use arc_swap::ArcSwap;
 use mesh_config::ollama::{AgentLimits, GatewayParams};
 use mesh_config::{Phase, Snapshot};
@@ -23,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tower::ServiceBuilder;
 
-pub type Stack = LocalTarget<AccessLog<gateway::Gateway>>;
+pub type Stack = LocalTarget<ServerSpan<AccessLog<gateway::Gateway>>>;
 
 /// Who a caller is to the gateway: its phase and limits, from the snapshot.
 #[derive(Debug)]
@@ -93,7 +95,7 @@ impl Policy {
 
 /// Builds the gateway stack and starts its dispatcher and policy watcher. Both tasks end when
 /// the stack and the state are dropped.
-pub fn stack(boot: &Bootstrap, state: &Arc<State>) -> Stack {
+pub fn stack(boot: &Bootstrap, state: &Arc<State>, tracer: Option<Arc<Tracer>>) -> Stack {
     let snapshot = state.load().snapshot.clone();
     let policy = Arc::new(ArcSwap::from_pointee(Policy::compile(&snapshot)));
     let (dispatcher, handle) = dispatch::Dispatcher::new(policy.load().params.clone());
@@ -110,6 +112,7 @@ pub fn stack(boot: &Bootstrap, state: &Arc<State>) -> Stack {
     let fallback = local.metrics();
     ServiceBuilder::new()
         .layer(local)
+        .layer(ServerSpanLayer::new(tracer))
         .layer(AccessLogLayer::new("inbound", fallback, boot.log.access))
         .service(gateway::Gateway::new(boot, policy, handle))
 }

@@ -135,6 +135,15 @@ impl<T> FairQueue<T> {
         Some((item, position))
     }
 
+    /// The queued request `id`, to update what it carries.
+    pub fn get_mut(&mut self, id: Id) -> Option<&mut T> {
+        let (phase, caller) = self.index.get(&id)?;
+        let mine = self.phases[*phase as usize].waiting.get_mut(caller)?;
+        mine.iter_mut()
+            .find(|(i, _)| *i == id)
+            .map(|(_, item)| item)
+    }
+
     /// How many requests will be served before this one, plus one, if nothing else arrives.
     pub fn position(&self, id: Id) -> Option<usize> {
         let (phase, caller) = self.index.get(&id)?;

@@ -32,6 +32,7 @@ use crate::outbound::fallback::Fallback;
 use crate::outbound::retry::Tried;
 use crate::outbound::settle::Settle;
 use crate::state::{Backend, Route, State};
+use crate::trace::FallbackUsed;
 use futures_util::future::BoxFuture;
 use http::{Request, Response};
 use machine::{Admit, Breaker, Class};
@@ -122,7 +123,8 @@ where
         match &backend.resilience.fallback {
             Fallback::Unavailable => Box::pin(async move { Err(open) }),
             Fallback::Static(answer) => {
-                let rsp = answer.respond();
+                let mut rsp = answer.respond();
+                rsp.extensions_mut().insert(FallbackUsed("static"));
                 Box::pin(async move { Ok(rsp) })
             }
             Fallback::Target(name) => {
@@ -144,14 +146,21 @@ where
                     retry_non_idempotent: false,
                     client: None,
                 });
-                match admit {
+                let answered = match admit {
                     Some((b, a)) => {
                         let outcome = TargetOutcome::new(b, a, alt, &mut req);
                         let deadline = request_deadline(&req);
                         guarded(outcome, deadline, self.inner.call(req))
                     }
                     None => Box::pin(self.inner.call(req)),
-                }
+                };
+                Box::pin(async move {
+                    let mut res = answered.await;
+                    if let Ok(rsp) = res.as_mut() {
+                        rsp.extensions_mut().insert(FallbackUsed("target"));
+                    }
+                    res
+                })
             }
         }
     }

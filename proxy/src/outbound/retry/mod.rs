@@ -182,6 +182,10 @@ where
                     t
                 }
             };
+            // A sampled request records its attempts as children of its client span, once
+            // there is a second one: a lone attempt says nothing its client span does not.
+            let attempts = crate::trace::attempt::Attempts::of(&parts.extensions);
+            let mut first_attempt = None;
             let again = Again::new(&parts, tried);
             let deadline = again.deadline;
             let p = policy.params;
@@ -196,6 +200,7 @@ where
                 if let Some(until) = until {
                     req.extensions_mut().insert(TryDeadline(until));
                 }
+                let span = attempts.as_ref().map(|a| a.start(attempt));
                 let sent = async {
                     let mut res = inner.ready().await?.call(req).await;
                     if let Ok(rsp) = res.as_mut() {
@@ -216,6 +221,13 @@ where
                         }),
                     _ => sent.await,
                 };
+                if let (Some(a), Some(span)) = (&attempts, span) {
+                    let span = a.finish(span, &res, again.route.as_ref(), &again.tried);
+                    match attempt {
+                        1 => first_attempt = Some(span),
+                        _ => a.send(span),
+                    }
+                }
                 if attempt >= p.max_attempts
                     || !should_retry(&res, safe, &p.statuses)
                     || !kept.replayable()
@@ -245,6 +257,9 @@ where
                 let Some(next) = kept.next() else { break res };
                 // The failed answer is dropped unread: nothing of it reached the caller.
                 drop(res);
+                if let (Some(a), Some(span)) = (&attempts, first_attempt.take()) {
+                    a.send(span);
+                }
                 ::metrics::counter!(metrics::RETRIES_TOTAL, "target" => target.to_string())
                     .increment(1);
                 if !backoff.is_zero() {
