@@ -241,10 +241,14 @@ impl TargetOutcome {
     }
 
     pub fn record(self, class: Class) {
+        let last = self.tried.last();
         let class = match class {
-            Class::Failure if self.backend.endpoints.usable_besides(self.tried.last()) => {
-                Class::Cancelled
-            }
+            Class::Failure if self.backend.endpoints.usable_besides(last) => Class::Cancelled,
+            // A probe that found every endpoint still out tried nothing: the endpoints' own
+            // breakers decide when the upstream is tried again, and the next request probes.
+            // Counted as a failure it would put the two breakers out of step and hold the
+            // target shut for another cool-down after its endpoint had recovered.
+            Class::Failure if self.admit == Admit::Probe && last.is_none() => Class::Cancelled,
             class => class,
         };
         self.breaker.record(self.admit, class);
