@@ -87,20 +87,52 @@ where
                 tracing::warn!(audit = "authz_denied", target = %self.target,
                     caller = caller.unwrap_or(""), method = %req.method(),
                     path = req.uri().path(), %rule, "call refused by authorization policy");
-                let body = serde_json::json!({
-                    "error": "forbidden",
-                    "target": &*self.target,
-                    "caller": caller,
-                    "rule": rule,
-                });
-                let mut rsp = Response::new(ProxyBody::json(body.to_string()));
-                *rsp.status_mut() = StatusCode::FORBIDDEN;
-                rsp.headers_mut().insert(
-                    http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
+                let rsp = refusal(crate::grpc::is_grpc(&req), &self.target, caller, &rule);
                 Either::Right(futures_util::future::ready(Ok(rsp)))
             }
         }
+    }
+}
+
+/// The answer to a refused call: `PERMISSION_DENIED` for a gRPC caller, which a gRPC client
+/// reads as a status; for others a 403 JSON naming the rule.
+fn refusal(grpc: bool, target: &str, caller: Option<&str>, rule: &str) -> Response<ProxyBody> {
+    if grpc {
+        let message = format!("call to {target} refused by authorization policy: {rule}");
+        return crate::grpc::error_response(crate::grpc::Code::PermissionDenied, &message);
+    }
+    let body = serde_json::json!({
+        "error": "forbidden",
+        "target": target,
+        "caller": caller,
+        "rule": rule,
+    });
+    let mut rsp = Response::new(ProxyBody::json(body.to_string()));
+    *rsp.status_mut() = StatusCode::FORBIDDEN;
+    rsp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grpc_caller_reads_permission_denied_others_a_403_naming_the_rule() {
+        let rsp = refusal(true, "b", Some("d"), "b: no rule allows this caller");
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.headers()["grpc-status"], "7");
+        let message = rsp.headers()["grpc-message"].to_str().unwrap();
+        assert!(message.contains("no rule allows this caller"), "{message}");
+
+        let rsp = refusal(false, "b", Some("d"), "b: no rule allows this caller");
+        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            rsp.headers()[http::header::CONTENT_TYPE],
+            "application/json"
+        );
     }
 }
