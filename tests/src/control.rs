@@ -13,11 +13,15 @@ use mesh_control::consul::watch::Params;
 use mesh_control::snapshots::Generation;
 use mesh_control::{Config, Running, Source};
 use serde_json::Value;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
+
+/// A catalog endpoint for an agent that is never called in a test (or not started yet): the
+/// discard port on loopback, where nothing listens.
+pub const NOT_LISTENING: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9));
 
 pub struct Builder {
     catalog: String,

@@ -32,20 +32,19 @@ phases = ["critical"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_are_allowed_by_name_or_phase_and_an_edit_applies_live() {
     let app = server::echo().run().await;
-    let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let others = |b: SocketAddr| {
         catalog(&[
             ("b", "performance", &[b]),
-            ("a", "specialized", &[elsewhere]),
-            ("c", "critical", &[elsewhere]),
-            ("d", "specialized", &[elsewhere]),
+            ("a", "specialized", &[control::NOT_LISTENING]),
+            ("c", "critical", &[control::NOT_LISTENING]),
+            ("d", "specialized", &[control::NOT_LISTENING]),
         ])
     };
     let control = control::builder()
         .identity(&[("b", TOKEN_B)], Duration::from_secs(3600))
         .policy_file("identity.toml", "[identity]\nmode = \"strict\"\n")
         .policy_file("authz.toml", RULES)
-        .catalog(&others(elsewhere))
+        .catalog(&others(control::NOT_LISTENING))
         .start()
         .await;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -130,18 +129,17 @@ async fn callers_are_allowed_by_name_or_phase_and_an_edit_applies_live() {
 async fn the_ollama_gateway_ranks_the_certificate_not_the_header() {
     const TOKEN_GW: &str = "token-of-the-gateway-0123456789";
     let ollama = mesh_tests::ollama::fake().parallel(1).chunks(1).run().await;
-    let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let entries = |gw: SocketAddr| {
         catalog(&[
             ("ollama", "performance", &[gw]),
-            ("crit", "critical", &[elsewhere]),
-            ("spec", "specialized", &[elsewhere]),
+            ("crit", "critical", &[control::NOT_LISTENING]),
+            ("spec", "specialized", &[control::NOT_LISTENING]),
         ])
     };
     let control = control::builder()
         .identity(&[("ollama", TOKEN_GW)], Duration::from_secs(3600))
         .policy_file("identity.toml", "[identity]\nmode = \"strict\"\n")
-        .catalog(&entries(elsewhere))
+        .catalog(&entries(control::NOT_LISTENING))
         .start()
         .await;
     let dir = tempfile::tempdir().expect("temp dir");

@@ -9,11 +9,7 @@ use std::process::Command;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_edit_is_rejected_with_file_and_line_and_a_good_one_applies() {
     let control = control::builder()
-        .catalog(&catalog(&[(
-            "b",
-            "critical",
-            &["127.0.0.1:9".parse().unwrap()],
-        )]))
+        .catalog(&catalog(&[("b", "critical", &[control::NOT_LISTENING])]))
         .start()
         .await;
     let v1 = control.wait_version_after(0).await;

@@ -75,12 +75,11 @@ async fn mesh_with_b_policy(
     dir: &std::path::Path,
 ) -> (TestControl, Server, ProxyProcess, u64) {
     let app = server::echo().run().await;
-    let placeholder: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let control = control::builder()
         .identity(&[("a", TOKEN_A), ("b", TOKEN_B)], lifetime)
         .policy_file("b.toml", policy)
         .policy_file("identity.toml", &mode(initial))
-        .catalog(&catalog(&[("b", "critical", &[placeholder])]))
+        .catalog(&catalog(&[("b", "critical", &[control::NOT_LISTENING])]))
         .start()
         .await;
     let b = sidecar(&control, "b", TOKEN_B, Some(app.addr()), dir).await;
