@@ -196,8 +196,8 @@ where
             let res = loop {
                 let parts = first.take().unwrap_or_else(|| again.parts());
                 let mut req = Request::from_parts(parts, body);
-                let until = p.per_try_timeout.map(|t| Instant::now() + t);
-                if let Some(until) = until {
+                let per_try = p.per_try_timeout.map(|t| (t, Instant::now() + t));
+                if let Some((_, until)) = per_try {
                     req.extensions_mut().insert(TryDeadline(until));
                 }
                 let span = attempts.as_ref().map(|a| a.start(attempt));
@@ -210,17 +210,18 @@ where
                     }
                     res
                 };
-                let res = match (until, p.per_try_timeout) {
-                    (Some(until), Some(t)) => tokio::time::timeout_at(until, sent)
-                        .await
-                        .unwrap_or_else(|_| {
-                            Err(ProxyError::Timeout {
-                                target: target.to_string(),
-                                timeout: t,
-                            })
-                        }),
-                    _ => sent.await,
-                };
+                let res =
+                    match per_try {
+                        Some((t, until)) => tokio::time::timeout_at(until, sent)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(ProxyError::Timeout {
+                                    target: target.to_string(),
+                                    timeout: t,
+                                })
+                            }),
+                        None => sent.await,
+                    };
                 if let (Some(a), Some(span)) = (&attempts, span) {
                     let span = a.finish(span, &res, again.route.as_ref(), &again.tried);
                     match attempt {
