@@ -78,6 +78,7 @@ pub enum StartError {
 pub struct Running {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
+    served: tokio::task::JoinHandle<()>,
     generations: watch::Receiver<Arc<Generation>>,
     sidecars: Arc<Sidecars>,
     status: Status,
@@ -202,11 +203,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         },
         identity,
     };
-    tokio::spawn(push.serve(listener, stopped));
+    let served = tokio::spawn(push.serve(listener, stopped));
     tracing::info!(%addr, source = source_name, policy = %cfg.policy_dir.display(), "control ready");
     Ok(Running {
         addr,
         stop,
+        served,
         generations: gen_rx,
         sidecars,
         status,
@@ -234,8 +236,10 @@ impl Running {
         self.status.render()
     }
 
-    /// Stops every task and closes every connection.
-    pub fn shutdown(self) {
+    /// Stops every task; returns once the listener and every connection are closed, so a
+    /// caller that connects afterwards is refused.
+    pub async fn shutdown(self) {
         self.stop.send_replace(true);
+        let _ = self.served.await;
     }
 }

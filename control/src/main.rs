@@ -106,7 +106,7 @@ async fn run(cfg: Config) -> ExitCode {
     };
     // Nothing to drain: sidecars keep their snapshot and reconnect to another instance.
     tracing::info!(signal = sig, "stopping");
-    running.shutdown();
+    running.shutdown().await;
     ExitCode::SUCCESS
 }
 

@@ -64,9 +64,11 @@ impl Push {
     pub async fn serve(self, listener: TcpListener, stop: watch::Receiver<bool>) {
         let push = Arc::new(self);
         let mut accept_stop = stop.clone();
+        // Each connection holds a sender; all dropped means every connection has closed.
+        let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
         loop {
             let (stream, peer) = tokio::select! {
-                _ = crate::stopped(&mut accept_stop) => return,
+                _ = crate::stopped(&mut accept_stop) => break,
                 res = listener.accept() => match res {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -80,7 +82,9 @@ impl Push {
             let _ = stream.set_nodelay(true);
             let push = push.clone();
             let mut stop = stop.clone();
+            let open = open.clone();
             tokio::spawn(async move {
+                let _open = open;
                 let svc = hyper::service::service_fn(move |req| {
                     let push = push.clone();
                     async move { Ok::<_, Infallible>(push.handle(req, peer).await) }
@@ -95,6 +99,9 @@ impl Push {
                 }
             });
         }
+        drop(listener);
+        drop(open);
+        let _ = all_closed.recv().await;
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {

@@ -304,34 +304,20 @@ impl TestControl {
         .await
     }
 
-    /// Stops the control process: every connection closes, sidecars see it gone.
-    pub fn stop(&mut self) {
+    /// Stops the control process; returns once its listener and every connection are closed.
+    pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
-            r.shutdown();
+            bounded("the control process stopping", r.shutdown()).await;
         }
     }
 
     /// Starts it again on the same address with the same files.
     pub async fn restart(&mut self) {
         let cfg = self.cfg.clone();
-        let running = bounded("mesh_control::start again", async move {
-            loop {
-                match mesh_control::start(cfg.clone()).await {
-                    Ok(r) => return r,
-                    // The old listener may take a moment to close after the stop.
-                    Err(mesh_control::StartError::Bind { .. }) => tokio::task::yield_now().await,
-                    Err(e) => panic!("the control process failed to restart: {e}"),
-                }
-            }
-        })
-        .await;
+        let running = bounded("mesh_control::start again", mesh_control::start(cfg))
+            .await
+            .unwrap_or_else(|e| panic!("the control process failed to restart: {e}"));
         self.running = Some(running);
-    }
-}
-
-impl Drop for TestControl {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

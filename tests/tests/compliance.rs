@@ -115,7 +115,7 @@ async fn a_healthy_mesh_passes_and_a_missing_sidecar_fails() {
     assert_eq!(failed, 2, "{table}");
 
     // Without the control process there is nothing to check: one failure, exit 1.
-    control.stop();
+    control.stop().await;
     let report = compliance::run(&url, Duration::from_secs(2)).await;
     assert!(!report.passed());
     assert_eq!(report.failures().count(), 1, "{report}");

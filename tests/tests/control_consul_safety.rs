@@ -134,7 +134,7 @@ async fn control_started_and_restarted_during_consul_outages_never_breaks_routin
     // Consul hangs and the control process restarts meanwhile: it publishes nothing, the
     // sidecar keeps v1 and keeps routing.
     consul.set_outage(Outage::Hang);
-    control.stop();
+    control.stop().await;
     control.restart().await;
     let status = control
         .wait_status("the restarted control process to see Consul hang", |s| {
@@ -148,7 +148,7 @@ async fn control_started_and_restarted_during_consul_outages_never_breaks_routin
 
     // And again with errors instead of a hang.
     consul.set_outage(Outage::Error(500));
-    control.stop();
+    control.stop().await;
     control.restart().await;
     control
         .wait_status("the restarted control process to see Consul fail", |s| {

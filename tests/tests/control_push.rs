@@ -99,7 +99,7 @@ async fn without_control_sidecars_keep_routing_restart_from_disk_and_catch_up() 
     control.wait_applied(v1, 1).await;
 
     // The control process goes away: routes stay.
-    control.stop();
+    control.stop().await;
     let reply = client::http1(proxy.outbound()).get("b", "/").await;
     assert_eq!(reply.header(SERVED_BY), Some("old"));
 

@@ -174,7 +174,7 @@ async fn a_sidecar_renews_its_certificate_and_keeps_it_while_control_is_away() {
     assert!(renewed > first, "{renewed} > {first}");
 
     // Control away: renewals fail, the certificate in force stays, the log says its time left.
-    control.stop();
+    control.stop().await;
     let held = expiry().await;
     wait_for_metric(
         admin,
