@@ -406,11 +406,16 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
 }
 
 fn init_log(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter: Targets = level
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
     tracing_subscriber::fmt()
         .json()
-        .with_env_filter(filter)
         .with_current_span(false)
+        .finish()
+        .with(filter)
         .init();
 }

@@ -11,7 +11,9 @@ use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// A batch is handed to the writer at this size...
 const BATCH_BYTES: usize = 16 * 1024;
@@ -65,18 +67,25 @@ pub fn init(level: &str) -> LogGuard {
         tx,
         dropped: AtomicU64::new(0),
     });
-    let filter = EnvFilter::try_from_env("MESH_LOG")
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
         .with_current_span(false)
         .with_span_list(false)
-        .with_env_filter(filter)
         .with_writer(|| EventWriter)
+        .finish()
+        .with(filter(std::env::var("MESH_LOG").ok().as_deref(), level))
         .init();
     LogGuard { writer }
+}
+
+/// `target=level` directives (`info,mesh_proxy::outbound=debug`): `MESH_LOG` if it parses,
+/// else the bootstrap's level, else `info`. `Targets` rather than `EnvFilter`: the same
+/// directives without a regex engine in the binary.
+fn filter(env: Option<&str>, level: &str) -> Targets {
+    env.and_then(|e| e.parse().ok())
+        .or_else(|| level.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
 }
 
 impl Drop for LogGuard {
@@ -349,5 +358,19 @@ mod tests {
         json_str(&mut out, "a\"b\\c\nd\u{1}e/é");
         let parsed: String = serde_json::from_slice(&out).unwrap();
         assert_eq!(parsed, "a\"b\\c\nd\u{1}e/é");
+    }
+
+    #[test]
+    fn mesh_log_wins_and_a_bad_directive_falls_back_to_the_level_then_info() {
+        use tracing::Level;
+        let f = filter(Some("info,mesh_proxy::outbound=debug"), "warn");
+        assert!(f.would_enable("mesh_proxy::outbound::retry", &Level::DEBUG));
+        assert!(!f.would_enable("hyper", &Level::DEBUG));
+        let f = filter(Some("mesh_proxy=[nonsense"), "warn");
+        assert!(!f.would_enable("mesh_proxy", &Level::INFO));
+        assert!(f.would_enable("mesh_proxy", &Level::WARN));
+        let f = filter(None, "=?=");
+        assert!(f.would_enable("mesh_proxy", &Level::INFO));
+        assert!(!f.would_enable("mesh_proxy", &Level::DEBUG));
     }
 }
