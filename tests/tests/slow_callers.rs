@@ -1,13 +1,15 @@
 //! Callers that send slowly cannot hold the agent: a request body of declared length must
 //! arrive within `limits.body_timeout` plus a second per `limits.body_min_rate` bytes, or it is
 //! cut with 408 (the caller's fault: no endpoint or breaker is charged) and its concurrency
-//! slot is free for the next caller.
+//! slot is free for the next caller. A head not complete within `limits.header_read_timeout`
+//! is answered 408 too; a keep-alive connection idle that long is closed without one.
 
 use mesh_tests::bounded;
 use mesh_tests::client;
 use mesh_tests::metrics::wait_for_metric;
 use mesh_tests::proxy;
 use mesh_tests::server;
+use mesh_tests::snapshot::{service, snapshot};
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -148,4 +150,64 @@ async fn three_hundred_slow_uploads_from_one_address_leave_slots_for_other_calle
         "the hostile address got more than its share of the slots"
     );
     drop(hostile);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_too_slowly_gets_408_and_an_idle_keep_alive_is_closed_quietly() {
+    let app = server::fixed(200, "ok").run().await;
+    let proxy = proxy::builder()
+        .agent("a")
+        .snapshot(
+            snapshot(1)
+                .service(service("b").endpoint(app.addr()))
+                .to_toml(),
+        )
+        .bootstrap_extra("\n[limits]\nheader_read_timeout = \"300ms\"\n")
+        .start()
+        .await;
+
+    // A slowloris head: a request line and part of a header, then nothing.
+    let mut slow = TcpStream::connect(proxy.outbound()).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: b\r\nX-Slow: ")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    bounded("the answer to a slow head", slow.read_to_end(&mut answer))
+        .await
+        .expect("read");
+    assert_eq!(
+        client::raw_status(&answer),
+        Some(408),
+        "{:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(String::from_utf8_lossy(&answer).contains("request_header_timeout"));
+    wait_for_metric(
+        proxy.admin(),
+        "agent_protocol_errors_total",
+        &[("kind", "header_timeout")],
+        1.0,
+    )
+    .await;
+
+    // A request answered, then silence on the same connection: closed after the timeout with
+    // nothing more written, and not counted as a slow head.
+    let mut idle = TcpStream::connect(proxy.outbound()).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await
+        .expect("write");
+    let mut rest = Vec::new();
+    bounded("the idle connection closing", idle.read_to_end(&mut rest))
+        .await
+        .expect("read");
+    assert_eq!(client::raw_status(&rest), Some(200));
+    let text = String::from_utf8_lossy(&rest);
+    assert!(!text.contains("408"), "{text}");
+    let scraped = mesh_tests::metrics::scrape(proxy.admin()).await;
+    let slow_heads = mesh_tests::metrics::metric_or_zero(
+        &scraped,
+        "agent_protocol_errors_total",
+        &[("kind", "header_timeout")],
+    );
+    assert_eq!(slow_heads, 1.0, "{scraped}");
 }

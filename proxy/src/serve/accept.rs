@@ -1,5 +1,6 @@
 use super::detect::{detect, Detected};
 use super::for_peer::ForPeer;
+use super::head_timeout::{AnswerHeadTimeout, HeadState};
 use super::in_flight::{Counted, Requests};
 use super::limit::{ConnectionLimit, Held};
 use super::peer::PeerService;
@@ -205,8 +206,9 @@ async fn serve_io<I, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let requests = Arc::new(Requests::default());
+    let head = Arc::new(HeadState::default());
     let conn = builder.serve_connection_with_upgrades(
-        TokioIo::new(io),
+        TokioIo::new(AnswerHeadTimeout::new(io, head.clone())),
         TowerToHyperService::new(Counted::new(service, requests.clone())),
     );
     tokio::pin!(conn);
@@ -234,7 +236,12 @@ async fn serve_io<I, S, B>(
         }
     };
     if let Err(e) = res {
-        let kind = classify(&*e);
+        let kind = match classify(&*e) {
+            // hyper's head timer also runs on a keep-alive connection waiting for its next
+            // request: that one was idle, not slow, and is closed without an answer.
+            Some(HEADER_TIMEOUT) if !head.timed_out() => None,
+            kind => kind,
+        };
         if let Some(kind) = kind {
             metrics::protocol_error(kind);
             tracing::info!(error = %e, kind, "connection closed on a protocol error");
@@ -243,6 +250,9 @@ async fn serve_io<I, S, B>(
         }
     }
 }
+
+/// A head not complete within `limits.header_read_timeout`: answered 408 on close.
+const HEADER_TIMEOUT: &str = "header_timeout";
 
 /// Names protocol violations; `None` for a peer that simply went away.
 fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
@@ -254,7 +264,7 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
             return Some("malformed_request");
         }
         if h.is_timeout() {
-            return Some("header_timeout");
+            return Some(HEADER_TIMEOUT);
         }
         // Resets, closes and HTTP/2 stream errors: the peer went away or gave up.
         return None;

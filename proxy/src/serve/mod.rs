@@ -4,6 +4,7 @@
 mod accept;
 mod detect;
 mod for_peer;
+mod head_timeout;
 mod in_flight;
 mod limit;
 mod peer;
