@@ -41,6 +41,9 @@ pub struct Config {
     pub confirm_token: Option<String>,
     /// The mesh CA; `None` signs no certificates.
     pub identity: Option<IdentityConfig>,
+    /// Where the published catalog is kept, so a restart judges its first read against it
+    /// (see [`crate::guard`]); `None` judges the first read on its own.
+    pub catalog_state: Option<PathBuf>,
 }
 
 /// The control process as the mesh's certificate authority.
@@ -149,6 +152,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         out: catalog_tx,
         held: held_tx,
         confirms: confirm_rx,
+        state: cfg.catalog_state.clone(),
     };
     // The guard sees the file's catalog (already in the channel) as its first change.
     tokio::spawn(guard.run(stopped.clone()));

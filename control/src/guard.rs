@@ -8,10 +8,16 @@
 //! than the one in force. A later catalog within the limit replaces the held one and ends the
 //! hold; an operator ends it with `POST /v1/catalog/confirm` (see `push`), or raises the limit
 //! (`--max-catalog-drop 100` never holds).
+//!
+//! With `--catalog-state FILE`, every published catalog is kept there, and a restarted control
+//! process judges its first read against it rather than against nothing: a restart during a
+//! partial recovery of the source (ten of 69 services back) holds the partial catalog instead
+//! of publishing it. The kept catalog is only a yardstick; nothing is published from it.
 
 use crate::status::unix_ms;
 use mesh_config::Catalog;
 use serde::Serialize;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -48,6 +54,8 @@ pub struct Guard {
     pub out: watch::Sender<Arc<Catalog>>,
     pub held: watch::Sender<Option<Held>>,
     pub confirms: mpsc::Receiver<Confirm>,
+    /// Where the published catalog is kept across restarts (`--catalog-state`).
+    pub state: Option<PathBuf>,
 }
 
 /// Decides whether `candidate` may replace `in_force` (`None`: nothing published yet).
@@ -92,8 +100,12 @@ fn dropped_too_much(was: usize, now: usize, max_percent: u8) -> bool {
 
 impl Guard {
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut in_force: Option<Arc<Catalog>> = None;
+        let mut in_force: Option<Arc<Catalog>> = match &self.state {
+            Some(path) => read_state(path).await.map(Arc::new),
+            None => None,
+        };
         loop {
+            let published = self.out.borrow().clone();
             tokio::select! {
                 res = self.candidates.changed() => {
                     if res.is_err() { return }
@@ -106,6 +118,10 @@ impl Guard {
                     let _ = reply.send(self.confirm(&mut in_force));
                 }
                 _ = crate::stopped(&mut stop) => return,
+            }
+            let now = self.out.borrow().clone();
+            if let (Some(path), false) = (&self.state, Arc::ptr_eq(&published, &now)) {
+                write_state(path, &now).await;
             }
         }
     }
@@ -169,6 +185,46 @@ impl Guard {
     }
 }
 
+/// The catalog published before a restart; a missing or unreadable file is no yardstick.
+async fn read_state(path: &Path) -> Option<Catalog> {
+    let text = match tokio::fs::read(path).await {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e,
+                "cannot read the catalog kept from before the restart; judging the first read on its own");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Catalog>(&text) {
+        Ok(catalog) => {
+            tracing::info!(path = %path.display(), services = catalog.services.len(),
+                "the first catalog read is judged against the one published before the restart");
+            Some(catalog)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e,
+                "the catalog kept from before the restart does not parse; judging the first read on its own");
+            None
+        }
+    }
+}
+
+/// Replaces the kept catalog whole (write, then rename), so a crash leaves the old or the new.
+async fn write_state(path: &Path, catalog: &Catalog) {
+    let tmp = path.with_extension("tmp");
+    let res = async {
+        let json = serde_json::to_vec(catalog).map_err(std::io::Error::other)?;
+        tokio::fs::write(&tmp, json).await?;
+        tokio::fs::rename(&tmp, path).await
+    };
+    if let Err(e) = res.await {
+        ::metrics::counter!(crate::metrics::CATALOG_STATE_WRITE_FAILURES).increment(1);
+        tracing::warn!(path = %path.display(), error = %e,
+            "cannot keep the published catalog; a restart will judge its first read on its own");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +270,16 @@ mod tests {
             decide(Some(&catalog(2, 1)), &catalog(69, 1), 0),
             Decision::Publish
         );
+    }
+
+    #[tokio::test]
+    async fn the_kept_catalog_round_trips_and_a_bad_file_is_no_yardstick() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog-state.json");
+        assert_eq!(read_state(&path).await, None);
+        write_state(&path, &catalog(3, 2)).await;
+        assert_eq!(read_state(&path).await, Some(catalog(3, 2)));
+        std::fs::write(&path, "{\"services\": [").unwrap();
+        assert_eq!(read_state(&path).await, None);
     }
 }

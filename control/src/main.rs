@@ -10,7 +10,7 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   mesh-control [run] [--listen ADDR] [--policy DIR] [--consul HOST:PORT | --catalog FILE]
                      [--poll DURATION] [--max-catalog-drop PERCENT] [--admit-warning]
-                     [--log LEVEL]
+                     [--catalog-state FILE] [--log LEVEL]
                      [--agent-tokens FILE (--state-dir DIR | --ca-cert FILE --ca-key FILE)
                       [--trust-domain NAME] [--cert-lifetime DURATION]]
       Serves snapshots to sidecars. Defaults: --listen 127.0.0.1:15100, --policy config/mesh,
@@ -18,7 +18,9 @@ const USAGE: &str = "usage:
       A catalog losing more than PERCENT of its services or endpoints at once (or all of
       them) is held back until it recovers or an operator confirms it with
       POST /v1/catalog/confirm and `Authorization: Bearer $MESH_CONTROL_TOKEN`;
-      100 never holds. --admit-warning routes Consul instances whose checks warn.
+      100 never holds. --catalog-state keeps each published catalog in FILE, so a restart
+      judges its first read against it (a partly recovered Consul is held, not published).
+      --admit-warning routes Consul instances whose checks warn.
       With --agent-tokens (a TOML file of agent = \"token\"), the process is the mesh's CA:
       it signs sidecars' CSRs (POST /v1/certificate) into certificates naming
       spiffe://NAME/agent/AGENT (--trust-domain, default mesh) valid for --cert-lifetime
@@ -307,6 +309,7 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
             .ok()
             .filter(|t| !t.is_empty()),
         identity: None,
+        catalog_state: None,
     };
     let mut admit_warning = false;
     let (mut tokens, mut state_dir, mut ca_cert, mut ca_key) = (None, None, None, None);
@@ -347,6 +350,7 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
                     .filter(|p| *p <= 100)
                     .ok_or_else(|| format!("--max-catalog-drop: {v:?} is not 0 to 100"))?;
             }
+            "--catalog-state" => cfg.catalog_state = Some(value()?.into()),
             "--admit-warning" => admit_warning = true,
             "--agent-tokens" => tokens = Some(PathBuf::from(value()?)),
             "--state-dir" => state_dir = Some(PathBuf::from(value()?)),

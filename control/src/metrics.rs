@@ -11,6 +11,7 @@ pub const CONSUL_ERRORS: &str = "mesh_control_consul_errors_total";
 pub const CATALOG_REJECTED: &str = "mesh_control_catalog_rejected_total";
 pub const CATALOG_HELD: &str = "mesh_control_catalog_held";
 pub const CATALOG_HOLDS: &str = "mesh_control_catalog_holds_total";
+pub const CATALOG_STATE_WRITE_FAILURES: &str = "mesh_control_catalog_state_write_failures_total";
 pub const CATALOG_FILE_REJECTIONS: &str = "mesh_control_catalog_file_rejections_total";
 pub const POLICY_APPLIED: &str = "mesh_control_policy_applied_total";
 pub const POLICY_REJECTIONS: &str = "mesh_control_policy_rejections_total";
@@ -47,6 +48,7 @@ fn register_at_zero() {
         metrics::counter!(CATALOG_REJECTED, "reason" => reason.as_str()).increment(0);
     }
     metrics::counter!(CATALOG_HOLDS).increment(0);
+    metrics::counter!(CATALOG_STATE_WRITE_FAILURES).increment(0);
     metrics::counter!(SNAPSHOT_INVALID).increment(0);
     metrics::counter!(CONSUL_ERRORS).increment(0);
     metrics::gauge!(CATALOG_HELD).set(0.0);
@@ -75,6 +77,10 @@ fn describe() {
     describe_counter!(
         CATALOG_HOLDS,
         "Times a catalog was held back instead of pushed."
+    );
+    describe_counter!(
+        CATALOG_STATE_WRITE_FAILURES,
+        "Published catalogs that could not be kept in --catalog-state."
     );
     describe_counter!(
         CATALOG_FILE_REJECTIONS,

@@ -166,6 +166,8 @@ impl Builder {
             max_catalog_drop_percent: self.max_catalog_drop_percent,
             confirm_token: self.confirm_token,
             identity,
+            // As deployed: a restart judges its first read against what it last published.
+            catalog_state: Some(dir.path().join("catalog-state.json")),
         };
         let running = bounded("mesh_control::start", mesh_control::start(cfg.clone()))
             .await

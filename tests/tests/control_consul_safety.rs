@@ -506,3 +506,61 @@ async fn a_control_process_started_while_nothing_listens_for_consul_publishes_no
         .unwrap()
         .contains("no catalog read from consul yet"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_process_restarted_while_consul_has_partly_recovered_holds_the_partial_catalog() {
+    let b = server::fixed(200, "b").label("b").run().await;
+    let consul = FakeConsul::start().await;
+    let names = ["a", "b", "c", "d", "e", "f"];
+    for name in names {
+        consul.set_service(name, "performance", &[b.addr()]);
+    }
+    let mut control = control::builder().consul(consul.addr()).start().await;
+    let v1 = control.wait_version_after(0).await;
+    let proxy = proxy::builder()
+        .agent("a")
+        .bootstrap_extra(&control.sidecar_toml(None))
+        .start()
+        .await;
+    control.wait_applied(v1, 1).await;
+    assert_eq!(sidecar_services(proxy.admin()).await.len(), names.len());
+
+    // Consul restarts with an empty catalog and the control process restarts meanwhile; by
+    // its first read only two of six services have registered again.
+    consul.clear();
+    control.stop().await;
+    consul.set_service("a", "performance", &[b.addr()]);
+    consul.set_service("b", "performance", &[b.addr()]);
+    control.restart().await;
+    let status = control
+        .wait_status("the partial catalog to be held", |s| {
+            s["catalog"]["held"].is_object()
+        })
+        .await;
+    let held = &status["catalog"]["held"];
+    assert_eq!(
+        (
+            held["services_in_force"].as_u64(),
+            held["services_held"].as_u64()
+        ),
+        (Some(6), Some(2)),
+        "{status:#}"
+    );
+    assert_eq!(status["snapshot_version"], 0, "{status:#}");
+    // The sidecar still routes to every service it had.
+    assert_eq!(sidecar_services(proxy.admin()).await.len(), names.len());
+    assert_eq!(
+        client::http1(proxy.outbound()).get("e", "/").await.status,
+        200
+    );
+
+    // The rest registers: the full catalog goes out, and the sidecar takes it.
+    for name in names {
+        consul.set_service(name, "performance", &[b.addr()]);
+    }
+    let v2 = control.wait_version_after(0).await;
+    control.wait_applied(v2, 1).await;
+    assert_eq!(control.status()["catalog"]["held"], Value::Null);
+    assert_eq!(sidecar_services(proxy.admin()).await.len(), names.len());
+    proxy.shutdown().await;
+}
