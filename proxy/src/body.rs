@@ -46,6 +46,8 @@ pub struct ProxyBody {
     idle: Option<IdleTimer>,
     /// Outcomes judged when the body ends: the target's breaker and the endpoint's.
     settle: [Option<Settle>; 2],
+    /// What a `grpc-status` in the trailers stands for, read only while outcomes wait.
+    trailer_status: Option<u16>,
 }
 
 /// Called with every data frame of the body, in order.
@@ -118,6 +120,7 @@ impl ProxyBody {
             conn: None,
             idle: None,
             settle: [None, None],
+            trailer_status: None,
         }
     }
 
@@ -127,7 +130,7 @@ impl ProxyBody {
         match self.settle.iter_mut().find(|s| s.is_none()) {
             Some(slot) => *slot = Some(outcome),
             // Two layers judge an answer; a third has nowhere to wait, so it is told now.
-            None => outcome.finish(Settle::class(None, true)),
+            None => outcome.finish(Settle::class(None, true), None),
         }
     }
 
@@ -185,7 +188,7 @@ impl ProxyBody {
         if self.settle.iter().any(Option::is_some) {
             let class = Settle::class(error, self.inner_is_end());
             for outcome in self.settle.iter_mut().filter_map(Option::take) {
-                outcome.finish(class);
+                outcome.finish(class, self.trailer_status);
             }
         }
         if let Some(OnEnd(f)) = self.on_end.take() {
@@ -244,6 +247,10 @@ impl Body for ProxyBody {
                     this.bytes += data.len() as u64;
                     if let Some(Tap(tap)) = this.tap.as_mut() {
                         tap(data);
+                    }
+                } else if let Some(trailers) = f.trailers_ref() {
+                    if this.settle.iter().any(Option::is_some) {
+                        this.trailer_status = crate::grpc::trailer_status(trailers);
                     }
                 }
                 if this.inner_is_end() {

@@ -73,15 +73,23 @@ pub fn judge<B>(rsp: &mut Response<B>) -> u16 {
     if status != 200 {
         return status;
     }
-    let Some(code) = rsp.headers().get(GRPC_STATUS) else {
+    let Some(mapped) = trailer_status(rsp.headers()) else {
         return status;
     };
-    let mapped = std::str::from_utf8(code.as_bytes())
-        .ok()
-        .and_then(|c| c.parse::<u8>().ok())
-        .map_or(500, http_equivalent);
     rsp.extensions_mut().insert(HeadStatus(mapped));
     mapped
+}
+
+/// The HTTP status a gRPC answer's trailers stand for, when they carry a `grpc-status`: the
+/// status of a call that failed after its 200 head (the common way a gRPC server fails).
+pub fn trailer_status(trailers: &HeaderMap) -> Option<u16> {
+    let code = trailers.get(GRPC_STATUS)?;
+    Some(
+        std::str::from_utf8(code.as_bytes())
+            .ok()
+            .and_then(|c| c.parse::<u8>().ok())
+            .map_or(500, http_equivalent),
+    )
 }
 
 /// The status breakers and ejection judge an answer by: its gRPC one when [`judge`] found one.

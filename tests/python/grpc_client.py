@@ -6,6 +6,8 @@
         one unary call: its code, details, trailing metadata and elapsed time
     grpc_client.py ADDR AUTHORITY burst METHOD PAYLOAD N
         N unary calls one after another: the list of their results
+    grpc_client.py ADDR AUTHORITY stream PAYLOAD
+        one server-streaming call: the messages it got and its final code
 
 AUTHORITY is the `:authority` sent (the target's name); empty means the address itself.
 """
@@ -57,6 +59,18 @@ def call(ch, method, payload, timeout):
     return out
 
 
+def stream(ch, payload, timeout):
+    out = {"items": []}
+    try:
+        for msg in ch.unary_stream(SERVICE + "ServerStream")(payload.encode(), timeout=timeout):
+            out["items"].append(msg.decode(errors="replace"))
+        out["code"] = 0
+    except grpc.RpcError as e:
+        out["code"] = e.code().value[0]
+        out["details"] = e.details()
+    return out
+
+
 def main():
     addr, authority, what = sys.argv[1:4]
     with channel(addr, authority) as ch:
@@ -69,6 +83,9 @@ def main():
             method, payload = sys.argv[4:6]
             timeout = float(sys.argv[6]) if len(sys.argv) > 6 else 10
             out = call(ch, method, payload, timeout)
+        elif what == "stream":
+            payload = sys.argv[4]
+            out = stream(ch, payload, 10)
         else:
             sys.exit(f"unknown scenario {what!r}")
     print(json.dumps(out), flush=True)

@@ -47,6 +47,12 @@ def sleep(request, context):
 
 
 def server_stream(request, context):
+    # b"fail:<n>:<code>" sends n messages, then ends with that status in the trailers.
+    if request.startswith(b"fail:"):
+        _, n, code = request.decode().split(":")
+        for i in range(int(n)):
+            yield b"item-%d" % i
+        context.abort(grpc.StatusCode(_code(int(code))), "failed after %s messages" % n)
     for i in range(int(request)):
         yield b"item-%d" % i
 

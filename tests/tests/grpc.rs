@@ -277,3 +277,45 @@ async fn the_callee_sidecars_refusals_are_unavailable_and_leave_the_breaker_clos
     assert_eq!(code(&after), 0, "{after}");
     assert_eq!(after["reply"], "after");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_failing_in_its_trailers_after_a_200_head_counts_for_the_breaker() {
+    // grpcio streams a message, then ends the call UNAVAILABLE: the 200 head looked fine, the
+    // trailers say otherwise. Two such calls open A's breaker for b, as two 503s would.
+    let hops = two_hops(|svc| {
+        svc.policy("retry", "{ max_attempts = 1 }").policy(
+            "breaker",
+            "{ consecutive_failures = 2, failure_ratio = 0.0, cooldown = \"30s\" }",
+        )
+    })
+    .await;
+    let addr = hops.a.outbound().to_string();
+    let stream = |payload: &'static str| {
+        let addr = addr.clone();
+        async move { python::run("grpc_client.py", &[&addr, "b", "stream", payload]).await }
+    };
+    // A call that ends OK in its trailers leaves the breaker closed.
+    let ok = stream("2").await;
+    assert_eq!(code(&ok), 0, "{ok}");
+    for _ in 0..2 {
+        let out = stream("fail:1:14").await;
+        assert_eq!(code(&out), 14, "{out}");
+        assert_eq!(out["items"], serde_json::json!(["item-0"]), "{out}");
+    }
+    mesh_tests::metrics::wait_for_metric(
+        hops.a.admin(),
+        "agent_circuit_breaker_state",
+        &[("target", "b"), ("endpoint", "")],
+        1.0,
+    )
+    .await;
+    let open = stream("2").await;
+    assert_eq!(code(&open), 14, "{open}");
+    assert!(
+        open["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("circuit breaker")),
+        "{open}"
+    );
+    drop(hops.app);
+}

@@ -1,6 +1,7 @@
 //! Outcomes that wait for the end of the response body. A head that looked fine still fails if
-//! its stream then breaks (the upstream reset it or fell silent), so an answer that is not a
-//! failure by its status is judged when its body ends, as linkerd classifies at end of stream.
+//! its stream then breaks (the upstream reset it or fell silent), or it is a gRPC call whose
+//! trailers carry a failing `grpc-status`, so an answer that is not a failure by its status is
+//! judged when its body ends, as linkerd classifies at end of stream.
 
 use crate::body::broken_by_upstream;
 use crate::outbound::balance::Picked;
@@ -19,10 +20,25 @@ pub enum Settle {
 }
 
 impl Settle {
-    pub fn finish(self, class: Class) {
+    /// `trailer_status`: the HTTP status a gRPC answer's trailers stand for, judged against
+    /// the target's failure statuses as a head's would be.
+    pub fn finish(self, class: Class, trailer_status: Option<u16>) {
+        let failed = |backend: &Backend| {
+            trailer_status.is_some_and(|s| backend.resilience.failures.contains(s))
+        };
         match self {
-            Settle::Target(outcome) => outcome.record(class),
+            Settle::Target(outcome) => {
+                let class = match class {
+                    Class::Success if failed(outcome.backend()) => Class::Failure,
+                    class => class,
+                };
+                outcome.record(class)
+            }
             Settle::Endpoint(backend, picked) => {
+                let class = match class {
+                    Class::Success if failed(&backend) => Class::Failure,
+                    class => class,
+                };
                 backend.endpoints.record(&picked, class, &backend.name)
             }
         }

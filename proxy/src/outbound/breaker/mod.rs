@@ -240,6 +240,10 @@ impl TargetOutcome {
         }
     }
 
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
     pub fn record(self, class: Class) {
         let last = self.tried.last();
         let class = match class {
