@@ -100,6 +100,26 @@ fn sidecar_concurrency_comes_from_the_same_budget_as_the_limits() {
     }
 }
 
+#[test]
+fn every_sidecar_speaks_the_protocol_its_agent_declares() {
+    use mesh_config::registry::AppProtocol as Declared;
+    use mesh_proxy::bootstrap::AppProtocol;
+    let mut seen = BTreeMap::new();
+    for agent in &registry().agents {
+        let path = root().join(format!("deploy/generated/sidecars/{}.toml", agent.name));
+        let boot = Bootstrap::from_file(&path).unwrap();
+        let want = match agent.protocol {
+            Declared::Http1 => AppProtocol::Http1,
+            Declared::Http2 | Declared::Grpc => AppProtocol::Http2,
+            Declared::Auto => AppProtocol::Auto,
+        };
+        assert_eq!(boot.inbound.protocol, want, "{}", agent.name);
+        *seen.entry(agent.protocol.as_str()).or_insert(0) += 1;
+    }
+    // The shipped registry uses every protocol, so each mapping is exercised.
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}
+
 /// Debian's docker-compose (1.x; `.ci/run` installs it) reads the file as compose would.
 #[test]
 fn docker_compose_accepts_the_file_with_69_agents_and_their_budget_limits() {

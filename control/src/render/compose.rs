@@ -4,7 +4,7 @@
 //! exec form (no shell), publishes nothing outside 10000-10599 and names its peers (no IPs).
 
 use super::{budget_comment, Limits, PairLimits};
-use mesh_config::registry::Agent;
+use mesh_config::registry::{Agent, AppProtocol};
 use mesh_config::units::ByteSize;
 use mesh_config::{BudgetReport, Phase, Policy, Registry};
 use std::collections::BTreeMap;
@@ -101,6 +101,22 @@ pub fn render(
     s
 }
 
+/// The agent's own healthcheck, in the protocol its app speaks (exec form: no shell).
+fn app_healthcheck(protocol: AppProtocol) -> &'static str {
+    match protocol {
+        AppProtocol::Http1 | AppProtocol::Auto => {
+            r#"["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "http://127.0.0.1:8080/health"]"#
+        }
+        AppProtocol::Http2 => {
+            r#"["CMD", "curl", "-fsS", "--http2-prior-knowledge", "-o", "/dev/null", "--max-time", "2", "http://127.0.0.1:8080/health"]"#
+        }
+        // The gRPC health protocol (grpc.health.v1.Health/Check).
+        AppProtocol::Grpc => {
+            r#"["CMD", "grpc_health_probe", "-addr=127.0.0.1:8080", "-connect-timeout=2s", "-rpc-timeout=2s"]"#
+        }
+    }
+}
+
 fn agent_pair(s: &mut String, agent: &Agent, p: &PairLimits) {
     let name = &agent.name;
     let phase = agent.phase;
@@ -108,6 +124,7 @@ fn agent_pair(s: &mut String, agent: &Agent, p: &PairLimits) {
     let port = agent.port;
     let image = &agent.image;
     let agent_limits = p.agent.compose();
+    let healthcheck = app_healthcheck(agent.protocol);
     let sidecar_limits = p.sidecar.compose();
     let _ = write!(
         s,
@@ -124,6 +141,9 @@ fn agent_pair(s: &mut String, agent: &Agent, p: &PairLimits) {
       <<: *agent-env
       AGENT_ID: {name}
       AGENT_PHASE: {phase}
+    healthcheck:
+      <<: *app-health
+      test: {healthcheck}
     ports:
       - "${{HOST_BIND:-127.0.0.1}}:{port}:{port}"
     deploy:
@@ -185,16 +205,18 @@ x-hardened: &hardened
       max-size: "10m"
       max-file: "3"
 
-# An agent: its app listens on 127.0.0.1:8080, the port its sidecar forwards to.
+# An agent: its app listens on 127.0.0.1:8080, the port its sidecar forwards to. Its
+# healthcheck speaks the app's protocol (registry `protocol`): HTTP/1.1 or h2c GET /health, or
+# the gRPC health service.
+x-app-health: &app-health
+  interval: 30s
+  timeout: 3s
+  retries: 3
+  start_period: 20s
+
 x-agent: &agent
   <<: *hardened
   stop_grace_period: 35s
-  healthcheck:
-    test: ["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "http://127.0.0.1:8080/health"]
-    interval: 30s
-    timeout: 3s
-    retries: 3
-    start_period: 20s
   environment: &agent-env
     MESH_OUTBOUND: http://127.0.0.1:15001
     # The sidecar's upstream port for Ollama: the official clients need nothing else.
