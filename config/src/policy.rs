@@ -6,7 +6,7 @@
 //! overrides of `Service` fields and [`Policy::snapshot`] writes them into each service, so a
 //! new per-target section is one field here plus one line in [`TargetPolicy::apply`].
 
-use crate::budget::{BudgetModel, HostModel, PhaseLimits, Pool};
+use crate::budget::{BudgetModel, HostModel, PhaseLimits, Pool, SidecarModel};
 use crate::catalog::Catalog;
 use crate::load::{self, LoadError, Located};
 use crate::ollama::OllamaPolicy;
@@ -112,6 +112,7 @@ struct PolicyFile {
     host: Option<HostModel>,
     pools: Option<BTreeMap<String, Pool>>,
     phases: Option<BTreeMap<Phase, PhaseLimits>>,
+    sidecar: Option<SidecarModel>,
     ollama: Option<OllamaPolicy>,
 }
 
@@ -393,6 +394,11 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
         if let Some(v) = file.phases {
             if claim("phases") {
                 policy.budget.phases = v;
+            }
+        }
+        if let Some(v) = file.sidecar {
+            if claim("sidecar") {
+                policy.budget.sidecar = v;
             }
         }
         if let Some(v) = file.ollama {

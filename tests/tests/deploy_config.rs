@@ -147,23 +147,27 @@ fn docker_compose_accepts_the_file_with_69_agents_and_their_budget_limits() {
             .get(format!("{}-sidecar", agent.name).as_str())
             .unwrap_or_else(|| panic!("{}-sidecar missing", agent.name));
         assert!(side.contains(&format!("network_mode: service:{}", agent.name)));
-        let budget = report.agent(agent.phase).unwrap();
+        let phase = &report.phases[&agent.phase];
+        let (budget, sidecar) = (phase.agent, phase.sidecar);
         let (ac, am) = limits(body);
         let (sc, sm) = limits(side);
         assert!(ac > 0.0 && am > 0, "{}: no limits", agent.name);
         assert!(
-            ac + sc <= budget.cpus + 1e-6,
+            ac + sc <= budget.cpus + sidecar.cpus + 1e-6,
             "{}: cpus over budget",
             agent.name
         );
         assert!(
-            am + sm <= budget.memory.0,
+            am + sm <= budget.memory.0 + sidecar.memory.0,
             "{}: memory over budget",
             agent.name
         );
+        // The sidecar never under its floor (policy [sidecar]).
+        assert!(sc >= policy.budget.sidecar.cpus - 1e-9, "{}", agent.name);
+        assert!(sm >= policy.budget.sidecar.memory.0, "{}", agent.name);
         // Within a MiB and a hundredth of a CPU of the budget: the same computation.
-        assert!(budget.memory.0 - (am + sm) < 2 << 20, "{}", agent.name);
-        assert!(budget.cpus - (ac + sc) < 0.021, "{}", agent.name);
+        assert!(budget.memory.0 - am < 2 << 20, "{}", agent.name);
+        assert!(budget.cpus - ac < 0.021, "{}", agent.name);
         *per_phase.entry(agent.phase).or_default() += 1;
     }
     assert_eq!(per_phase.values().sum::<usize>(), 69);

@@ -1,6 +1,6 @@
-//! Container limits from an agent's budget: the agent and its sidecar share the agent's slice
-//! (the sidecar takes a small, bounded part), so their sum never exceeds what the budget
-//! engine granted.
+//! Container limits from the budget engine: each agent's and each sidecar's own figure (the
+//! engine reserves the sidecar's floor before it shares a phase's slice among the agents),
+//! rounded to what compose expresses without the pair exceeding what the engine granted.
 
 use mesh_config::units::ByteSize;
 use mesh_config::{BudgetReport, Phase, Registry};
@@ -22,19 +22,25 @@ pub struct PairLimits {
     pub concurrency: usize,
 }
 
-/// The sidecar's part of a pair's CPUs and memory, and its memory cap.
-const SIDECAR_CPU_SHARE: f64 = 0.25;
-const SIDECAR_MEMORY_SHARE: f64 = 0.25;
-const SIDECAR_MEMORY_CAP: u64 = 64 << 20;
-/// Compose expresses CPUs to the hundredth and memory in MiB; round down to stay inside.
+/// Compose expresses CPUs to the hundredth and memory in MiB: a sidecar is rounded up (never
+/// under its floor), its agent down by as much more (the pair stays inside its grant).
 const MIB: u64 = 1 << 20;
 
 fn floor_cpus(v: f64) -> f64 {
-    ((v * 100.0).floor() / 100.0).max(0.01)
+    // The epsilon keeps 0.05 (0.0500...01 x 100) from rounding to 0.06 or 0.04.
+    (((v * 100.0) + 1e-9).floor() / 100.0).max(0.01)
+}
+
+fn ceil_cpus(v: f64) -> f64 {
+    (((v * 100.0) - 1e-9).ceil() / 100.0).max(0.01)
 }
 
 fn floor_mib(v: u64) -> ByteSize {
     ByteSize((v / MIB).max(1) * MIB)
+}
+
+fn ceil_mib(v: u64) -> ByteSize {
+    ByteSize(v.div_ceil(MIB).max(1) * MIB)
 }
 
 /// Limits for every agent of the registry, by name.
@@ -44,15 +50,20 @@ pub fn pairs(
 ) -> Result<BTreeMap<String, PairLimits>, String> {
     let mut out = BTreeMap::new();
     for agent in &registry.agents {
-        let budget = report
-            .agent(agent.phase)
+        let phase = report
+            .phases
+            .get(&agent.phase)
             .ok_or_else(|| format!("{}: phase {} has no budget", agent.name, agent.phase))?;
-        let sidecar_cpus = floor_cpus(budget.cpus * SIDECAR_CPU_SHARE);
-        let sidecar_mem = floor_mib(
-            ((budget.memory.0 as f64 * SIDECAR_MEMORY_SHARE) as u64).min(SIDECAR_MEMORY_CAP),
+        let (budget, side) = (phase.agent, phase.sidecar);
+        let sidecar_cpus = ceil_cpus(side.cpus);
+        let sidecar_mem = ceil_mib(side.memory.0);
+        let agent_cpus = floor_cpus(budget.cpus - (sidecar_cpus - side.cpus));
+        let agent_mem = floor_mib(
+            budget
+                .memory
+                .0
+                .saturating_sub(sidecar_mem.0 - side.memory.0),
         );
-        let agent_cpus = floor_cpus(budget.cpus - sidecar_cpus);
-        let agent_mem = floor_mib(budget.memory.0.saturating_sub(sidecar_mem.0));
         out.insert(
             agent.name.clone(),
             PairLimits {
@@ -95,7 +106,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pair_never_exceeds_its_budget() {
+    fn a_pair_never_exceeds_its_budget_and_a_sidecar_never_goes_under_its_floor() {
         let policy = mesh_config::policy::load_dir(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/mesh"),
         )
@@ -105,15 +116,33 @@ mod tests {
         )
         .unwrap();
         let report = crate::budget_engine::for_registry(&policy, &registry).unwrap();
+        let floor = policy.budget.sidecar;
         for (name, p) in pairs(&report, &registry).unwrap() {
-            let b = report.agent(p.phase).unwrap();
-            assert!(p.agent.cpus + p.sidecar.cpus <= b.cpus + 1e-9, "{name}");
+            let phase = &report.phases[&p.phase];
+            let (b, s) = (phase.agent, phase.sidecar);
             assert!(
-                p.agent.memory.0 + p.sidecar.memory.0 <= b.memory.0,
+                p.agent.cpus + p.sidecar.cpus <= b.cpus + s.cpus + 1e-9,
                 "{name}"
             );
+            assert!(
+                p.agent.memory.0 + p.sidecar.memory.0 <= b.memory.0 + s.memory.0,
+                "{name}"
+            );
+            assert!(p.sidecar.cpus >= floor.cpus - 1e-9, "{name}");
+            assert!(p.sidecar.memory >= floor.memory, "{name}");
+            assert!(!phase.floors_exceed_slice, "{name}");
             assert_eq!(p.concurrency, b.inbound_concurrency(), "{name}");
         }
+    }
+
+    #[test]
+    fn rounding_keeps_the_floor_and_the_pair_inside_its_grant() {
+        assert_eq!(ceil_cpus(0.05), 0.05);
+        assert_eq!(floor_cpus(0.05), 0.05);
+        assert_eq!(ceil_cpus(0.1333), 0.14);
+        assert_eq!(floor_cpus(0.4 - 0.0067), 0.39);
+        assert_eq!(ceil_mib(24 * MIB + 1), ByteSize(25 * MIB));
+        assert_eq!(ceil_mib(24 * MIB), ByteSize(24 * MIB));
     }
 
     #[test]
