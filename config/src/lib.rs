@@ -12,6 +12,7 @@ pub mod phase;
 pub mod policy;
 pub mod registry;
 pub mod resilience;
+pub mod rollout;
 pub mod snapshot;
 pub mod units;
 

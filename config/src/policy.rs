@@ -97,6 +97,8 @@ pub struct Policy {
     pub budget: BudgetModel,
     /// The Ollama gateway, caller rates and per-agent limits (`[ollama]`).
     pub ollama: OllamaPolicy,
+    /// How deploy.sh rolls out a phase: canary size, watch, thresholds (`[rollout]`).
+    pub rollout: crate::rollout::Rollout,
 }
 
 /// One file as written: every section optional; a section may be defined in one file only.
@@ -114,6 +116,7 @@ struct PolicyFile {
     phases: Option<BTreeMap<Phase, PhaseLimits>>,
     sidecar: Option<SidecarModel>,
     ollama: Option<OllamaPolicy>,
+    rollout: Option<crate::rollout::Rollout>,
 }
 
 /// Every problem found in a policy directory, one per line when displayed.
@@ -256,6 +259,7 @@ impl Policy {
         if let Some(t) = &self.trace {
             t.check()?;
         }
+        self.rollout.validate()?;
         // Route syntax is checked against a stand-in service per backend; whether a backend
         // exists is decided per catalog, not here.
         let mut backends = BTreeSet::new();
@@ -406,6 +410,11 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
                 policy.ollama = v;
             }
         }
+        if let Some(v) = file.rollout {
+            if claim("rollout") {
+                policy.rollout = v;
+            }
+        }
     }
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
@@ -464,6 +473,22 @@ mod tests {
             e.contains("trace.phases.critical: must be in [0, 1]"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rollout_and_sidecar_errors_name_file_and_line() {
+        let e = err(&[(
+            "rollout.toml",
+            "[rollout]\nmax_error_rate = 0.05\n\n[rollout.phases.critical]\nmax_p99 = \"0s\"\n",
+        )]);
+        assert_eq!(
+            e,
+            "rollout.toml:5: rollout.phases.critical.max_p99: must be greater than zero"
+        );
+        let e = err(&[("r.toml", "[sidecar]\ncpus = 0.05\nshare = 1.5\n")]);
+        assert_eq!(e, "r.toml:3: sidecar.share: must be in [0, 1)");
+        let e = err(&[("rollout.toml", "[rollout.phases.urgent]\nwatch = \"1s\"\n")]);
+        assert!(e.starts_with("rollout.toml:1"), "{e}");
     }
 
     #[test]

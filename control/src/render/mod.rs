@@ -6,6 +6,7 @@
 
 mod compose;
 mod limits;
+mod rollout;
 mod sidecar;
 
 pub use compose::restart as restart_policy;
@@ -46,6 +47,7 @@ pub fn render(policy: &Policy, registry: &Registry) -> Result<Files, String> {
         out.join("prometheus").join("sidecars.json"),
         sidecar::prometheus_targets(registry),
     );
+    files.insert(out.join("rollout.env"), rollout::render(policy));
     Ok(files)
 }
 
