@@ -5,6 +5,7 @@ pub mod authz;
 pub mod backoff;
 pub mod budget;
 pub mod catalog;
+pub mod consul_service;
 pub mod identity;
 pub mod load;
 pub mod ollama;

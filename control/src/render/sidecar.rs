@@ -1,5 +1,6 @@
 //! Sidecar bootstraps and Prometheus targets for the agents of the registry.
 
+use super::consul::MOUNT as CONSUL_MOUNT;
 use super::PairLimits;
 use mesh_config::registry::Agent;
 use mesh_config::Registry;
@@ -52,10 +53,12 @@ poll_interval = "1s"
 address = "{CONTROL_ADDRESS}"
 persist = "/var/lib/mesh/snapshot.json"
 
-# Registers the agent (the address it reaches Consul from, its mesh port, a /health check)
-# and deregisters it before draining.
+# Registers the agent's rendered Consul definition (port, phase, capabilities, /health check;
+# deploy/generated/consul/{name}.json) at the address it reaches Consul from, and
+# deregisters it before draining.
 [consul]
 address = "{CONSUL_ADDRESS}"
+service_file = "{CONSUL_MOUNT}"
 
 # Rule 28: spans to the collector (OTLP/HTTP); the sampling ratio is policy ([trace] in
 # config/mesh/traffic.toml), pushed in the snapshot.
@@ -104,8 +107,10 @@ poll_interval = "1s"
 address = "{CONTROL_ADDRESS}"
 persist = "/var/lib/mesh/snapshot.json"
 
+# Registers deploy/generated/consul/ollama.json and deregisters it before draining.
 [consul]
 address = "{CONSUL_ADDRESS}"
+service_file = "{CONSUL_MOUNT}"
 
 # Rule 28: spans to the collector (OTLP/HTTP); the sampling ratio is policy ([trace] in
 # config/mesh/traffic.toml), pushed in the snapshot.
