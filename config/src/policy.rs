@@ -291,7 +291,8 @@ impl Policy {
 }
 
 /// A policy directory's `*.toml` files, in name order, as (path, text). The agent registry
-/// (`agents.toml`) lives beside them and is loaded by [`crate::registry`].
+/// (`agents.toml`) is among them: [`load_files`] reads it as the registry, whose Rule 23
+/// declarations bound each agent's Ollama calls.
 pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
     let read_err = |source| LoadError::Read {
         path: dir.to_owned(),
@@ -301,7 +302,6 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
         .map_err(read_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
-        .filter(|p| p.file_name() != Some(std::ffi::OsStr::new(crate::registry::FILE_NAME)))
         .collect();
     paths.sort();
     paths
@@ -335,7 +335,15 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
     let mut policy = Policy::default();
     // Which file defined each section, to place semantic errors and duplicates.
     let mut origin: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut registry = None;
     for (i, (path, text)) in files.iter().enumerate() {
+        if path.file_name() == Some(std::ffi::OsStr::new(crate::registry::FILE_NAME)) {
+            match crate::registry::load_str(path, text) {
+                Ok(r) => registry = Some(r),
+                Err(e) => errors.push(e),
+            }
+            continue;
+        }
         let file: PolicyFile = match load::toml_str(path, text) {
             Ok(f) => f,
             Err(e) => {
@@ -419,6 +427,9 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
+    if let Some(registry) = &registry {
+        policy.ollama.declare(registry);
+    }
     if let Err(e) = policy.validate() {
         let section = match e.path.first() {
             Some(PathSeg::Key(k)) => *k,
@@ -489,6 +500,25 @@ mod tests {
         assert_eq!(e, "r.toml:3: sidecar.share: must be in [0, 1)");
         let e = err(&[("rollout.toml", "[rollout.phases.urgent]\nwatch = \"1s\"\n")]);
         assert!(e.starts_with("rollout.toml:1"), "{e}");
+    }
+
+    #[test]
+    fn registry_declarations_bound_ollama_calls_unless_the_policy_overrides_them() {
+        let registry = "[[agents]]\nname = \"a\"\nphase = \"critical\"\nport = 10300\n\
+            image = \"x/a:1\"\nprotocol = \"http1\"\ncapabilities = { cognitive = [\"r\"], \
+            ollama_priority = \"high\", max_context_size = 2048, timeout = \"90s\" }\n";
+        let ollama = "[ollama.agents.a]\ntimeout = \"30s\"\n";
+        let p = load(&[("agents.toml", registry), ("ollama.toml", ollama)]).unwrap();
+        let a = p.ollama.limits("a");
+        assert_eq!(a.max_context_size, Some(2048), "declared in the registry");
+        assert_eq!(
+            a.timeout,
+            Some(Duration::from_secs(30)),
+            "the policy overrides"
+        );
+        // A registry error is a policy error, with its file and line.
+        let e = err(&[("agents.toml", &registry.replace("10300", "10399"))]);
+        assert!(e.starts_with("agents.toml:4: agents[0].port"), "{e}");
     }
 
     #[test]
