@@ -322,7 +322,22 @@ deploy_phase() {
     log "phase '$name' healthy: ${#services[@]} services"
 }
 
+# require_earlier PHASE: the phases before PHASE, when this run does not deploy them, must have
+# been deployed and be healthy: each phase waits for health before the next (Rule 25).
+require_earlier() {
+    local q
+    local -a services
+    for q in "${PHASES[@]}"; do
+        [[ "$q" == "$1" ]] && return 0
+        [[ -f "$state_dir/$q.applied" ]] ||
+            die "phase '$1' needs phase '$q' first, which has not been deployed here (deploy/deploy.sh --env $env_name --phase $q)"
+        mapfile -t services < <(compose --profile "$q" config --services | sort)
+        wait_healthy "${services[@]}" || die "phase '$1' needs phase '$q' healthy first: $reason"
+    done
+}
+
 log "environment '$env_name', phases: ${selected[*]}"
+require_earlier "${selected[0]}"
 for name in "${selected[@]}"; do
     deploy_phase "$name"
 done

@@ -255,3 +255,31 @@ fn canary_settings_in_an_environment_file_are_refused() {
     );
     assert!(started(&calls).is_empty());
 }
+
+#[test]
+fn a_phase_waits_for_the_phases_before_it() {
+    let site = Site::new();
+    // Nothing deployed yet: critical needs infrastructure first.
+    let (out, calls) = site.deploy("critical", "");
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    assert!(
+        log(&out).contains("phase 'critical' needs phase 'infrastructure' first"),
+        "{}",
+        log(&out)
+    );
+    assert!(started(&calls).is_empty());
+    let (out, _) = site.deploy("infrastructure", "");
+    assert!(out.status.success(), "{}", log(&out));
+    // Specialized also needs critical and performance.
+    let (out, calls) = site.deploy("specialized", "");
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    assert!(
+        log(&out).contains("needs phase 'critical' first"),
+        "{}",
+        log(&out)
+    );
+    assert!(started(&calls).is_empty());
+    let (out, calls) = site.deploy("critical", "");
+    assert!(out.status.success(), "{}", log(&out));
+    assert_eq!(started(&calls).len(), 2, "canary, then the rest");
+}
