@@ -97,6 +97,16 @@ fn sidecar_concurrency_comes_from_the_same_budget_as_the_limits() {
         let budget = report.agent(agent.phase).unwrap();
         assert_eq!(boot.inbound.max_concurrency, budget.inbound_concurrency());
         assert_eq!(boot.listen.inbound.unwrap().port(), agent.port);
+        // Both traffic listeners full of kept-alive connections (18 KiB each, measured) fit
+        // beside the sidecar's working set under load (14 MiB) in its memory limit.
+        let side = report.phases[&agent.phase].sidecar;
+        let full = 14 * (1 << 20) + 2 * boot.limits.max_connections as u64 * (18 << 10);
+        assert!(
+            full <= side.memory.0,
+            "{}: {full} over {}",
+            agent.name,
+            side.memory
+        );
     }
 }
 

@@ -77,6 +77,10 @@ pub fn render(
             &policy.ollama.gateway.parallel.to_string(),
         )
         .replace("@OLLAMA_NUM_THREADS@", &ollama_threads.to_string())
+        .replace(
+            "@GATEWAY_LIMITS@",
+            &limits(0.25, super::limits::GATEWAY_MEMORY),
+        )
         .replace("@GRAFANA_PORT@", &GRAFANA_PORT.to_string())
         .replace("@PROMETHEUS_PORT@", &PROMETHEUS_PORT.to_string())
         .replace("@CONSUL_PORT@", &CONSUL_PORT.to_string());
@@ -318,7 +322,7 @@ const INFRA: &str = r#"
       - ollama-gateway-state:/var/lib/mesh
     deploy:
       resources:
-        limits: {cpus: "0.25", memory: 64m}
+        limits: @GATEWAY_LIMITS@
 
   # The control process: routes from Consul, policy from config/mesh, budgets and Ollama
   # rates, pushed to every sidecar by long-poll. Same image, other entrypoint.

@@ -13,13 +13,35 @@ pub struct Limits {
     pub memory: ByteSize,
 }
 
-/// An agent, its sidecar, and the sidecar's inbound concurrency: one computation.
+/// An agent, its sidecar, the sidecar's inbound concurrency and its connection cap: one
+/// computation.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PairLimits {
     pub phase: Phase,
     pub agent: Limits,
     pub sidecar: Limits,
     pub concurrency: usize,
+    /// `limits.max_connections`: what each of the sidecar's traffic listeners holds at most.
+    pub max_connections: usize,
+}
+
+/// Measured (benches/README.md, "Idle connection flood"): a served, kept-alive connection holds
+/// about 18 KiB (24 with a margin); under load the sidecar's own working set is 12-14 MiB.
+const CONNECTION_BYTES: u64 = 24 << 10;
+const WORKING_SET: u64 = 16 << 20;
+/// Below this a sidecar refuses ordinary traffic; a floor this low is reported by no one, so
+/// the cap never goes under it.
+const MIN_CONNECTIONS: usize = 64;
+
+/// The Ollama gateway sidecar's memory limit.
+pub const GATEWAY_MEMORY: ByteSize = ByteSize(64 << 20);
+
+/// Connections each of the two traffic listeners (inbound, outbound) may hold so that both
+/// full stay inside the sidecar's memory limit: a connection flood is refused with 503, not
+/// answered by the kernel's OOM killer.
+pub fn max_connections(memory: ByteSize) -> usize {
+    let room = memory.0.saturating_sub(WORKING_SET) / CONNECTION_BYTES / 2;
+    (room as usize).max(MIN_CONNECTIONS)
 }
 
 /// Compose expresses CPUs to the hundredth and memory in MiB: a sidecar is rounded up (never
@@ -77,6 +99,7 @@ pub fn pairs(
                     memory: sidecar_mem,
                 },
                 concurrency: budget.inbound_concurrency(),
+                max_connections: max_connections(sidecar_mem),
             },
         );
     }
@@ -143,6 +166,18 @@ mod tests {
         assert_eq!(floor_cpus(0.4 - 0.0067), 0.39);
         assert_eq!(ceil_mib(24 * MIB + 1), ByteSize(25 * MIB));
         assert_eq!(ceil_mib(24 * MIB), ByteSize(24 * MIB));
+    }
+
+    #[test]
+    fn the_connection_cap_keeps_a_full_sidecar_inside_its_memory() {
+        // 24 MiB: 8 MiB beside the working set, 170 connections of 24 KiB on each listener.
+        assert_eq!(max_connections(ByteSize(24 * MIB)), 170);
+        assert_eq!(max_connections(ByteSize(64 * MIB)), 1024);
+        for mib in [24, 37, 64] {
+            let n = max_connections(ByteSize(mib * MIB)) as u64;
+            assert!(WORKING_SET + 2 * n * CONNECTION_BYTES <= mib * MIB, "{mib}");
+        }
+        assert_eq!(max_connections(ByteSize(8 * MIB)), MIN_CONNECTIONS);
     }
 
     #[test]
