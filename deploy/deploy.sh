@@ -3,7 +3,8 @@
 #   infrastructure -> critical -> performance -> specialized
 # Each phase waits for health before the next. Within an agent phase a canary of 10 % of its
 # agents (at least one) goes first and is watched: health, and the error rate and p99 latency
-# its sidecars export, against the environment's thresholds. A failing canary or phase is rolled
+# its sidecars export, against the policy's thresholds ([rollout] in config/mesh, rendered into
+# deploy/generated/rollout.env). A failing canary or phase is rolled
 # back to the last configuration that deployed (or removed, on a first deployment), and the run
 # stops with the reason. A phase whose rendered configuration is unchanged and healthy is left
 # alone: re-running a finished deployment changes nothing.
@@ -22,10 +23,10 @@ Usage: deploy/deploy.sh --phase PHASE [--env NAME] [--timeout SECONDS] [--build]
   --timeout  seconds to wait for each step to become healthy (default: 180)
   --build    rebuild the mesh-proxy image before starting sidecars
 
-The environment file sets the canary's size, watch and thresholds:
-  CANARY_PERCENT (10), CANARY_WATCH_SECONDS (60), CANARY_MAX_ERROR_RATE (0.05),
-  CANARY_MAX_P99_SECONDS (2). What each phase last deployed is kept in
-  deploy/state/NAME/ (DEPLOY_STATE_DIR overrides); it is what a rollback restores.
+The canary's size, watch and thresholds per phase are policy ([rollout] in config/mesh),
+rendered by `mesh-control render` into deploy/generated/rollout.env. What each phase last
+deployed is kept in deploy/state/NAME/ (DEPLOY_STATE_DIR overrides); it is what a rollback
+restores.
 USAGE
 }
 
@@ -72,10 +73,15 @@ if [[ ! -f "$env_file" ]]; then
 fi
 # shellcheck disable=SC1090
 set -a; source "$env_file"; set +a
-canary_percent="${CANARY_PERCENT:-10}"
-watch_seconds="${CANARY_WATCH_SECONDS:-60}"
-max_error_rate="${CANARY_MAX_ERROR_RATE:-0.05}"
-max_p99="${CANARY_MAX_P99_SECONDS:-2}"
+for v in CANARY_PERCENT CANARY_WATCH_SECONDS CANARY_MAX_ERROR_RATE CANARY_MAX_P99_SECONDS; do
+    [[ -z "${!v:-}" ]] ||
+        die "$v is set (in $env_file or the environment): canary thresholds are policy now, [rollout] in config/mesh/rollout.toml; remove it and re-render"
+done
+rollout_file="$ROOT/deploy/generated/rollout.env"
+[[ -f "$rollout_file" ]] || die "$rollout_file is missing: run \`mesh-control render\`"
+# shellcheck disable=SC1090
+source "$rollout_file"
+canary_percent="" watch_seconds="" max_error_rate="" max_p99=""
 poll="${DEPLOY_POLL_SECONDS:-2}"
 state_dir="${DEPLOY_STATE_DIR:-$ROOT/deploy/state/$env_name}"
 mkdir -p "$state_dir"
@@ -253,6 +259,19 @@ prepare_models() {
     touch "$state_dir/ollama-models.prepared"
 }
 
+# rollout_settings PHASE: the phase's canary size, watch and thresholds from rollout.env.
+rollout_settings() {
+    local p="${1^^}" v
+    v="CANARY_PERCENT_$p" && canary_percent="${!v:-}"
+    [[ "$canary_percent" =~ ^[0-9]+$ ]] || die "$v in $rollout_file: not a whole number; re-render"
+    v="CANARY_WATCH_SECONDS_$p" && watch_seconds="${!v:-}"
+    [[ "$watch_seconds" =~ ^[0-9]+$ ]] || die "$v in $rollout_file: not a whole number; re-render"
+    v="CANARY_MAX_ERROR_RATE_$p" && max_error_rate="${!v:-}"
+    [[ "$max_error_rate" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$v in $rollout_file: not a number; re-render"
+    v="CANARY_MAX_P99_SECONDS_$p" && max_p99="${!v:-}"
+    [[ "$max_p99" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "$v in $rollout_file: not a number; re-render"
+}
+
 deploy_phase() {
     local name="$1" key n c s
     local -a services agents=() canary=() rest=() pairs=()
@@ -273,6 +292,7 @@ deploy_phase() {
             die "phase '$name' $reason; rolled back"
         fi
     else
+        rollout_settings "$name"
         for s in "${services[@]}"; do [[ "$s" == *-sidecar ]] || agents+=("$s"); done
         n=${#agents[@]}
         c=$(((n * canary_percent + 99) / 100))
@@ -280,7 +300,7 @@ deploy_phase() {
         canary=("${agents[@]:0:c}")
         rest=("${agents[@]:c}")
         for s in "${canary[@]}"; do pairs+=("$s" "$s-sidecar"); done
-        log "phase '$name': canary ${canary[*]} ($c of $n agents), watched ${watch_seconds}s"
+        log "phase '$name': canary ${canary[*]} ($c of $n agents), watched ${watch_seconds}s against error rate $max_error_rate, p99 ${max_p99}s"
         compose up --detach --no-deps "${build[@]}" "${pairs[@]}" ||
             die "compose up failed for the canary of '$name'"
         if ! watch_canary "${canary[@]}"; then
@@ -302,7 +322,22 @@ deploy_phase() {
     log "phase '$name' healthy: ${#services[@]} services"
 }
 
+# require_earlier PHASE: the phases before PHASE, when this run does not deploy them, must have
+# been deployed and be healthy: each phase waits for health before the next (Rule 25).
+require_earlier() {
+    local q
+    local -a services
+    for q in "${PHASES[@]}"; do
+        [[ "$q" == "$1" ]] && return 0
+        [[ -f "$state_dir/$q.applied" ]] ||
+            die "phase '$1' needs phase '$q' first, which has not been deployed here (deploy/deploy.sh --env $env_name --phase $q)"
+        mapfile -t services < <(compose --profile "$q" config --services | sort)
+        wait_healthy "${services[@]}" || die "phase '$1' needs phase '$q' healthy first: $reason"
+    done
+}
+
 log "environment '$env_name', phases: ${selected[*]}"
+require_earlier "${selected[0]}"
 for name in "${selected[@]}"; do
     deploy_phase "$name"
 done

@@ -53,7 +53,24 @@ pub struct PhaseLimits {
     pub agent_memory: ByteSize,
 }
 
-/// The whole model: host, pools, phases.
+/// `[sidecar]`: what every agent's sidecar is given beside its agent. The floor is reserved
+/// out of a phase's slice before the rest is divided among the agents, so a sidecar never gets
+/// less than it runs on however many agents share the phase; above the floor a sidecar takes
+/// `share` of its agent's part of the slice, its memory at most `max_memory`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarModel {
+    #[serde(default = "default_sidecar_cpus")]
+    pub cpus: f64,
+    #[serde(default = "default_sidecar_memory")]
+    pub memory: ByteSize,
+    #[serde(default = "default_sidecar_share")]
+    pub share: f64,
+    #[serde(default = "default_sidecar_max_memory")]
+    pub max_memory: ByteSize,
+}
+
+/// The whole model: host, pools, phases, the sidecar beside each agent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetModel {
@@ -63,9 +80,19 @@ pub struct BudgetModel {
     pub pools: BTreeMap<String, Pool>,
     #[serde(default)]
     pub phases: BTreeMap<Phase, PhaseLimits>,
+    #[serde(default)]
+    pub sidecar: SidecarModel,
 }
 
-/// What one agent's sidecar receives: its share of its phase's slice.
+/// One sidecar's CPUs and memory.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SidecarBudget {
+    pub cpus: f64,
+    pub memory: ByteSize,
+}
+
+/// What one agent receives: its share of its phase's slice once the sidecars' part is set
+/// aside. The sidecar admits inbound requests by these CPUs.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentBudget {
@@ -94,6 +121,11 @@ pub struct BudgetReport {
     pub cpu_scale: f64,
     pub memory_scale: f64,
     pub oversubscribed: bool,
+    /// CPUs and memory the sidecar floors of every phase's agents need together.
+    pub sidecar_floor_cpus: f64,
+    pub sidecar_floor_memory: ByteSize,
+    /// The floors alone exceed what the host has for agents.
+    pub floors_oversubscribe_host: bool,
     pub phases: BTreeMap<Phase, PhaseBudget>,
 }
 
@@ -107,7 +139,12 @@ pub struct PhaseBudget {
     /// The agent pool that further capped the memory slice, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capped_by_pool: Option<String>,
+    /// The sidecars' floors exceed the phase's granted slice: the agents get only what is
+    /// left, which may be nothing.
+    pub floors_exceed_slice: bool,
     pub agent: AgentBudget,
+    /// Each sidecar of the phase, beside its agent.
+    pub sidecar: SidecarBudget,
 }
 
 fn default_cpus() -> f64 {
@@ -118,6 +155,44 @@ fn default_memory() -> ByteSize {
 }
 fn default_concurrency_per_cpu() -> u32 {
     64
+}
+// Measured (benches/README.md): a sidecar's RSS is 7-9 MiB idle and 12-14 MiB at 5,000 req/s;
+// one request costs it 15-33 us of CPU, so 0.05 CPU serves about 1,500 req/s.
+fn default_sidecar_cpus() -> f64 {
+    0.05
+}
+fn default_sidecar_memory() -> ByteSize {
+    ByteSize::mib(24)
+}
+fn default_sidecar_share() -> f64 {
+    0.25
+}
+fn default_sidecar_max_memory() -> ByteSize {
+    ByteSize::mib(64)
+}
+
+// === impl SidecarModel ===
+
+impl Default for SidecarModel {
+    fn default() -> Self {
+        Self {
+            cpus: default_sidecar_cpus(),
+            memory: default_sidecar_memory(),
+            share: default_sidecar_share(),
+            max_memory: default_sidecar_max_memory(),
+        }
+    }
+}
+
+impl SidecarModel {
+    /// The sidecar beside an agent whose part of the slice is `cpus` and `memory`.
+    fn size(&self, cpus: f64, memory: u64) -> SidecarBudget {
+        let mem = ((memory as f64 * self.share) as u64).min(self.max_memory.0);
+        SidecarBudget {
+            cpus: (cpus * self.share).max(self.cpus),
+            memory: ByteSize(mem.max(self.memory.0)),
+        }
+    }
 }
 
 // === impl HostModel ===
@@ -155,6 +230,11 @@ impl AgentBudget {
 // === impl BudgetModel ===
 
 const MAX_CPUS: f64 = 4096.0;
+/// What an agent gets when its sidecar's floor leaves nothing (reported as
+/// `floors_exceed_slice`): the least a container limit expresses, never zero, so every agent
+/// still has a CPU share for its concurrency and Ollama rate.
+const MIN_AGENT_CPUS: f64 = 0.01;
+const MIN_AGENT_MEMORY: u64 = 1 << 20;
 
 impl BudgetModel {
     /// Range and reference checks serde cannot make; paths start at the policy root.
@@ -245,6 +325,23 @@ impl BudgetModel {
                 ),
             ));
         }
+        let sc = &self.sidecar;
+        let at = |k| vec![Key("sidecar"), Key(k)];
+        if !cpus_ok(sc.cpus) {
+            return Err(invalid(at("cpus"), format!("must be in (0, {MAX_CPUS}]")));
+        }
+        if sc.memory.0 == 0 {
+            return Err(invalid(at("memory"), "must be greater than zero"));
+        }
+        if !(0.0..1.0).contains(&sc.share) {
+            return Err(invalid(at("share"), "must be in [0, 1)"));
+        }
+        if sc.max_memory < sc.memory {
+            return Err(invalid(
+                at("max_memory"),
+                "must be at least the floor (memory)",
+            ));
+        }
         for (phase, l) in &self.phases {
             let at = |k| vec![Key("phases"), Name(phase.to_string()), Key(k)];
             for (k, v) in [("cpus", l.cpus), ("agent_cpus", l.agent_cpus)] {
@@ -299,6 +396,11 @@ impl BudgetModel {
                     requested_memory: l.memory,
                     granted_memory: ByteSize(granted_memory),
                     capped_by_pool: None,
+                    floors_exceed_slice: false,
+                    sidecar: SidecarBudget {
+                        cpus: 0.0,
+                        memory: ByteSize(0),
+                    },
                     agent: AgentBudget {
                         phase: *phase,
                         cpus: 0.0,
@@ -330,6 +432,9 @@ impl BudgetModel {
             }
         }
 
+        // Each agent's part of the slice holds its sidecar and itself. The sidecar is sized
+        // first (its floor, or its share of the agent's capped part), then the agent gets the
+        // rest of the part, within its per-agent limits.
         for (phase, b) in phases.iter_mut() {
             let l = &self.phases[phase];
             let n = b.agents.max(1) as f64;
@@ -339,14 +444,29 @@ impl BudgetModel {
                 .find(|p| p.phases.contains(phase))
                 .and_then(|p| p.max_per_agent)
                 .map_or(u64::MAX, |m| m.0);
-            b.agent.cpus = l.agent_cpus.min(b.granted_cpus / n);
+            let part_cpus = b.granted_cpus / n;
+            let part_memory = (b.granted_memory.0 as f64 / n) as u64;
+            let agent_memory_cap = l.agent_memory.0.min(pool_cap);
+            b.sidecar = self.sidecar.size(
+                part_cpus.min(l.agent_cpus),
+                part_memory.min(agent_memory_cap),
+            );
+            b.floors_exceed_slice =
+                part_cpus < self.sidecar.cpus || part_memory < self.sidecar.memory.0;
+            b.agent.cpus = l
+                .agent_cpus
+                .min((part_cpus - b.sidecar.cpus).max(MIN_AGENT_CPUS));
             b.agent.memory = ByteSize(
-                l.agent_memory
-                    .0
-                    .min(pool_cap)
-                    .min((b.granted_memory.0 as f64 / n) as u64),
+                agent_memory_cap.min(
+                    part_memory
+                        .saturating_sub(b.sidecar.memory.0)
+                        .max(MIN_AGENT_MEMORY),
+                ),
             );
         }
+        let agents: usize = phases.values().map(|b| b.agents).sum();
+        let sidecar_floor_cpus = agents as f64 * self.sidecar.cpus;
+        let sidecar_floor_memory = agents as u64 * self.sidecar.memory.0;
 
         BudgetReport {
             host_cpus,
@@ -360,6 +480,10 @@ impl BudgetModel {
             cpu_scale,
             memory_scale,
             oversubscribed: cpu_scale < 1.0 || memory_scale < 1.0,
+            sidecar_floor_cpus,
+            sidecar_floor_memory: ByteSize(sidecar_floor_memory),
+            floors_oversubscribe_host: sidecar_floor_cpus > available_cpus
+                || sidecar_floor_memory > available_memory,
             phases,
         }
     }
@@ -394,6 +518,7 @@ mod tests {
                 (Phase::Specialized, phase(4.0, 8, 0.5, 1)),
             ]
             .into(),
+            sidecar: SidecarModel::default(),
         }
     }
 
@@ -405,8 +530,11 @@ mod tests {
         assert!((report.cpu_scale - 12.0 / 18.0).abs() < 1e-9);
         let crit = &report.phases[&Phase::Critical];
         assert!((crit.granted_cpus - 8.0 * 12.0 / 18.0).abs() < 1e-9);
-        // 5.33 CPUs over 10 agents: the share is below the 2-CPU cap.
-        assert!((crit.agent.cpus - 0.5333).abs() < 1e-3);
+        // 5.33 CPUs over 10 agents: 0.533 each, below the 2-CPU cap; the sidecar takes a
+        // quarter (0.133, above its 0.05 floor), the agent the rest.
+        assert!((crit.sidecar.cpus - 0.1333).abs() < 1e-3);
+        assert!((crit.agent.cpus - 0.4).abs() < 1e-3);
+        assert!(!crit.floors_exceed_slice && !report.floors_oversubscribe_host);
         let granted: f64 = report.phases.values().map(|p| p.granted_cpus).sum();
         assert!((granted - 12.0).abs() < 1e-9);
     }
@@ -455,6 +583,91 @@ mod tests {
         assert_eq!(perf.capped_by_pool.as_deref(), Some("agent-standard"));
         assert!(perf.granted_memory.0 + spec.granted_memory.0 <= ByteSize::gib(6).0);
         assert_eq!(perf.agent.memory, ByteSize::mib(256));
+    }
+
+    #[test]
+    fn sidecar_floors_are_reserved_before_the_agents_share_the_slice() {
+        // 34 agents on 4 CPUs and 2 GiB: 0.118 CPU and 60 MiB each. A quarter of that
+        // (0.029 CPU, 15 MiB) is below the floor: every sidecar gets 0.05 CPU and 24 MiB and
+        // the agent the rest of its part.
+        let mut m = rules();
+        m.phases.get_mut(&Phase::Specialized).unwrap().memory = ByteSize::gib(2);
+        let r = m.compute(18.0, ByteSize::gib(36), |p| match p {
+            Phase::Specialized => 34,
+            _ => 1,
+        });
+        let spec = &r.phases[&Phase::Specialized];
+        assert_eq!(spec.sidecar.cpus, 0.05);
+        assert_eq!(spec.sidecar.memory, ByteSize::mib(24));
+        let part_cpus = 4.0 / 34.0;
+        assert!((spec.agent.cpus - (part_cpus - 0.05)).abs() < 1e-9);
+        let part_mem = ByteSize::gib(2).0 / 34;
+        assert_eq!(spec.agent.memory.0, part_mem - ByteSize::mib(24).0);
+        // Agent and sidecars together stay inside the slice.
+        assert!(34.0 * (spec.agent.cpus + spec.sidecar.cpus) <= spec.granted_cpus + 1e-9);
+        assert!(34 * (spec.agent.memory.0 + spec.sidecar.memory.0) <= spec.granted_memory.0);
+        assert!(!spec.floors_exceed_slice);
+        // Concurrency follows the agent's CPUs, not the pair's: 0.068 x 64 = 4.
+        assert_eq!(spec.agent.inbound_concurrency(), 4);
+        assert!((r.sidecar_floor_cpus - 36.0 * 0.05).abs() < 1e-9);
+    }
+
+    #[test]
+    fn floors_that_exceed_a_slice_or_the_host_are_reported() {
+        // 100 specialized agents on 4 CPUs: 0.04 each, under the 0.05 floor.
+        let r = rules().compute(18.0, ByteSize::gib(36), |p| match p {
+            Phase::Specialized => 100,
+            _ => 1,
+        });
+        let spec = &r.phases[&Phase::Specialized];
+        assert!(spec.floors_exceed_slice);
+        assert_eq!(spec.sidecar.cpus, 0.05);
+        assert_eq!(spec.agent.cpus, MIN_AGENT_CPUS);
+        assert!(!r.floors_oversubscribe_host);
+        // 600 agents' floors (30 CPUs) on a host with 12 for agents.
+        let r = rules().compute(12.0, ByteSize::gib(36), |_| 200);
+        assert!(r.floors_oversubscribe_host);
+        assert!(r.phases.values().all(|b| b.floors_exceed_slice));
+    }
+
+    #[test]
+    fn a_sidecar_above_its_floor_takes_its_share_up_to_its_memory_cap() {
+        // One critical agent: its part is capped at 2 CPUs and 4 GiB; its sidecar takes a
+        // quarter of the CPUs and at most 64 MiB, the agent its full per-agent limit.
+        let r = rules().compute(64.0, ByteSize::gib(256), |_| 1);
+        let crit = &r.phases[&Phase::Critical];
+        assert_eq!(crit.sidecar.cpus, 0.5);
+        assert_eq!(crit.sidecar.memory, ByteSize::mib(64));
+        assert_eq!(crit.agent.cpus, 2.0);
+        assert_eq!(crit.agent.memory, ByteSize::gib(4));
+    }
+
+    #[test]
+    fn sidecar_model_errors_name_their_key() {
+        let mut m = rules();
+        m.sidecar.share = 1.0;
+        assert_eq!(
+            m.validate().unwrap_err().to_string(),
+            "sidecar.share: must be in [0, 1)"
+        );
+        m.sidecar = SidecarModel {
+            max_memory: ByteSize::mib(8),
+            ..SidecarModel::default()
+        };
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("sidecar.max_memory"));
+        m.sidecar = SidecarModel {
+            cpus: 0.0,
+            ..SidecarModel::default()
+        };
+        assert!(m
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("sidecar.cpus"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod authz;
 pub mod backoff;
 pub mod budget;
 pub mod catalog;
+pub mod consul_service;
 pub mod identity;
 pub mod load;
 pub mod ollama;
@@ -12,6 +13,7 @@ pub mod phase;
 pub mod policy;
 pub mod registry;
 pub mod resilience;
+pub mod rollout;
 pub mod snapshot;
 pub mod units;
 

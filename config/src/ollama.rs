@@ -171,6 +171,19 @@ impl Default for OllamaPolicy {
 }
 
 impl OllamaPolicy {
+    /// Takes each registry agent's Rule 23 declaration (`max_context_size`, `timeout`) as its
+    /// limits where `[ollama.agents.<name>]` does not set them: the policy overrides, the
+    /// registry declares.
+    pub fn declare(&mut self, registry: &crate::Registry) {
+        for a in &registry.agents {
+            let limits = self.agents.entry(a.name.clone()).or_insert(self.defaults);
+            limits
+                .max_context_size
+                .get_or_insert(a.capabilities.max_context_size);
+            limits.timeout.get_or_insert(a.capabilities.timeout);
+        }
+    }
+
     /// The limits that apply to `agent`.
     pub fn limits(&self, agent: &str) -> &AgentLimits {
         self.agents.get(agent).unwrap_or(&self.defaults)

@@ -6,7 +6,7 @@
 //! overrides of `Service` fields and [`Policy::snapshot`] writes them into each service, so a
 //! new per-target section is one field here plus one line in [`TargetPolicy::apply`].
 
-use crate::budget::{BudgetModel, HostModel, PhaseLimits, Pool};
+use crate::budget::{BudgetModel, HostModel, PhaseLimits, Pool, SidecarModel};
 use crate::catalog::Catalog;
 use crate::load::{self, LoadError, Located};
 use crate::ollama::OllamaPolicy;
@@ -97,6 +97,8 @@ pub struct Policy {
     pub budget: BudgetModel,
     /// The Ollama gateway, caller rates and per-agent limits (`[ollama]`).
     pub ollama: OllamaPolicy,
+    /// How deploy.sh rolls out a phase: canary size, watch, thresholds (`[rollout]`).
+    pub rollout: crate::rollout::Rollout,
 }
 
 /// One file as written: every section optional; a section may be defined in one file only.
@@ -112,7 +114,9 @@ struct PolicyFile {
     host: Option<HostModel>,
     pools: Option<BTreeMap<String, Pool>>,
     phases: Option<BTreeMap<Phase, PhaseLimits>>,
+    sidecar: Option<SidecarModel>,
     ollama: Option<OllamaPolicy>,
+    rollout: Option<crate::rollout::Rollout>,
 }
 
 /// Every problem found in a policy directory, one per line when displayed.
@@ -255,6 +259,7 @@ impl Policy {
         if let Some(t) = &self.trace {
             t.check()?;
         }
+        self.rollout.validate()?;
         // Route syntax is checked against a stand-in service per backend; whether a backend
         // exists is decided per catalog, not here.
         let mut backends = BTreeSet::new();
@@ -286,7 +291,8 @@ impl Policy {
 }
 
 /// A policy directory's `*.toml` files, in name order, as (path, text). The agent registry
-/// (`agents.toml`) lives beside them and is loaded by [`crate::registry`].
+/// (`agents.toml`) is among them: [`load_files`] reads it as the registry, whose Rule 23
+/// declarations bound each agent's Ollama calls.
 pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
     let read_err = |source| LoadError::Read {
         path: dir.to_owned(),
@@ -296,7 +302,6 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, LoadError> {
         .map_err(read_err)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
-        .filter(|p| p.file_name() != Some(std::ffi::OsStr::new(crate::registry::FILE_NAME)))
         .collect();
     paths.sort();
     paths
@@ -330,7 +335,15 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
     let mut policy = Policy::default();
     // Which file defined each section, to place semantic errors and duplicates.
     let mut origin: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut registry = None;
     for (i, (path, text)) in files.iter().enumerate() {
+        if path.file_name() == Some(std::ffi::OsStr::new(crate::registry::FILE_NAME)) {
+            match crate::registry::load_str(path, text) {
+                Ok(r) => registry = Some(r),
+                Err(e) => errors.push(e),
+            }
+            continue;
+        }
         let file: PolicyFile = match load::toml_str(path, text) {
             Ok(f) => f,
             Err(e) => {
@@ -395,14 +408,27 @@ pub fn load_files(files: &[(PathBuf, String)]) -> Result<Policy, PolicyErrors> {
                 policy.budget.phases = v;
             }
         }
+        if let Some(v) = file.sidecar {
+            if claim("sidecar") {
+                policy.budget.sidecar = v;
+            }
+        }
         if let Some(v) = file.ollama {
             if claim("ollama") {
                 policy.ollama = v;
             }
         }
+        if let Some(v) = file.rollout {
+            if claim("rollout") {
+                policy.rollout = v;
+            }
+        }
     }
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
+    }
+    if let Some(registry) = &registry {
+        policy.ollama.declare(registry);
     }
     if let Err(e) = policy.validate() {
         let section = match e.path.first() {
@@ -458,6 +484,41 @@ mod tests {
             e.contains("trace.phases.critical: must be in [0, 1]"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rollout_and_sidecar_errors_name_file_and_line() {
+        let e = err(&[(
+            "rollout.toml",
+            "[rollout]\nmax_error_rate = 0.05\n\n[rollout.phases.critical]\nmax_p99 = \"0s\"\n",
+        )]);
+        assert_eq!(
+            e,
+            "rollout.toml:5: rollout.phases.critical.max_p99: must be greater than zero"
+        );
+        let e = err(&[("r.toml", "[sidecar]\ncpus = 0.05\nshare = 1.5\n")]);
+        assert_eq!(e, "r.toml:3: sidecar.share: must be in [0, 1)");
+        let e = err(&[("rollout.toml", "[rollout.phases.urgent]\nwatch = \"1s\"\n")]);
+        assert!(e.starts_with("rollout.toml:1"), "{e}");
+    }
+
+    #[test]
+    fn registry_declarations_bound_ollama_calls_unless_the_policy_overrides_them() {
+        let registry = "[[agents]]\nname = \"a\"\nphase = \"critical\"\nport = 10300\n\
+            image = \"x/a:1\"\nprotocol = \"http1\"\ncapabilities = { cognitive = [\"r\"], \
+            ollama_priority = \"high\", max_context_size = 2048, timeout = \"90s\" }\n";
+        let ollama = "[ollama.agents.a]\ntimeout = \"30s\"\n";
+        let p = load(&[("agents.toml", registry), ("ollama.toml", ollama)]).unwrap();
+        let a = p.ollama.limits("a");
+        assert_eq!(a.max_context_size, Some(2048), "declared in the registry");
+        assert_eq!(
+            a.timeout,
+            Some(Duration::from_secs(30)),
+            "the policy overrides"
+        );
+        // A registry error is a policy error, with its file and line.
+        let e = err(&[("agents.toml", &registry.replace("10300", "10399"))]);
+        assert!(e.starts_with("agents.toml:4: agents[0].port"), "{e}");
     }
 
     #[test]

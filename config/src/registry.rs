@@ -32,7 +32,24 @@ pub struct Agent {
     /// The port the agent's sidecar publishes on the host (inbound mesh traffic).
     pub port: u16,
     pub image: String,
+    /// What the agent's app speaks on its port; the sidecar's `[inbound] protocol`.
+    pub protocol: AppProtocol,
     pub capabilities: Capabilities,
+}
+
+/// The protocol of an agent's app, as its sidecar's inbound side supports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppProtocol {
+    /// HTTP/1.1 for every request.
+    Http1,
+    /// h2c with prior knowledge for every request.
+    Http2,
+    /// A gRPC server: h2c for every request, as `http2`; named so the registry says what the
+    /// agent is.
+    Grpc,
+    /// gRPC calls over h2c, everything else over HTTP/1.1 (an app serving both).
+    Auto,
 }
 
 /// Rule 23: what the agent does and what it may ask of the shared Ollama.
@@ -52,6 +69,40 @@ pub enum OllamaPriority {
     High,
     Medium,
     Low,
+}
+
+// === impl AppProtocol ===
+
+impl AppProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+            Self::Grpc => "grpc",
+            Self::Auto => "auto",
+        }
+    }
+
+    /// The value of the sidecar bootstrap's `[inbound] protocol` (`http1`, `http2`, `auto`).
+    pub fn sidecar_inbound(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 | Self::Grpc => "http2",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+// === impl OllamaPriority ===
+
+impl OllamaPriority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::High => "high",
+            Self::Medium => "medium",
+            Self::Low => "low",
+        }
+    }
 }
 
 /// The mesh ports of a phase (Rule 20).
@@ -155,7 +206,7 @@ mod tests {
     use super::*;
 
     const AGENT: &str = "[[agents]]\nname = \"a\"\nphase = \"critical\"\nport = 10300\n\
-        image = \"sutazai/a:1\"\n\
+        image = \"sutazai/a:1\"\nprotocol = \"http1\"\n\
         capabilities = { cognitive = [\"reasoning\"], ollama_priority = \"high\", \
         max_context_size = 4096, timeout = \"120s\" }\n";
 
@@ -190,7 +241,7 @@ mod tests {
         let text = format!("{AGENT}{}", AGENT.replace("10300", "10301"));
         assert_eq!(
             err(&text),
-            "agents.toml:8: agents[1].name: \"a\" is already agents[0]"
+            "agents.toml:9: agents[1].name: \"a\" is already agents[0]"
         );
     }
 
@@ -199,7 +250,7 @@ mod tests {
         let text = format!("{AGENT}{}", AGENT.replace("\"a\"", "\"b\""));
         assert_eq!(
             err(&text),
-            "agents.toml:10: agents[1].port: 10300 is already used by \"a\""
+            "agents.toml:11: agents[1].port: 10300 is already used by \"a\""
         );
     }
 
@@ -220,11 +271,20 @@ mod tests {
     }
 
     #[test]
+    fn unknown_protocol_names_its_line() {
+        let e = err(&AGENT.replace("\"http1\"", "\"spdy\""));
+        assert!(e.starts_with("agents.toml:6: "), "{e}");
+        assert!(e.contains("spdy"), "{e}");
+        let e = err(&AGENT.replace("protocol = \"http1\"\n", ""));
+        assert!(e.contains("protocol"), "{e}");
+    }
+
+    #[test]
     fn capability_errors_name_their_line() {
         let e = err(&AGENT.replace("4096", "0"));
         assert_eq!(
             e,
-            "agents.toml:6: agents[0].capabilities.max_context_size: must be at least 1"
+            "agents.toml:7: agents[0].capabilities.max_context_size: must be at least 1"
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Budgets for the current policy and catalog: the host (as configured or read from the
-//! machine), minus reserved pools, split among phases and agents, with each agent's Ollama
-//! rate; exported as metrics, and the oversubscription logged when the budgets change.
+//! machine), minus reserved pools, split among phases; each phase's slice holds its sidecars'
+//! floors first, then its agents' shares, with each agent's Ollama rate; exported as metrics,
+//! and the oversubscription (sidecar floors included) logged when the budgets change.
 
 use mesh_config::budget::HostModel;
 use mesh_config::units::ByteSize;
@@ -73,6 +74,26 @@ pub fn oversubscription(r: &BudgetReport) -> Vec<String> {
             ));
         }
     }
+    if r.floors_oversubscribe_host {
+        lines.push(format!(
+            "the sidecar floors alone ask for {:.2} CPUs and {}, the host has {} CPUs and {} for agents",
+            r.sidecar_floor_cpus, r.sidecar_floor_memory, r.available_cpus, r.available_memory
+        ));
+    }
+    for (phase, b) in &r.phases {
+        if b.floors_exceed_slice {
+            lines.push(format!(
+                "{phase}: {} sidecar floors of {:.2} CPUs and {} each exceed the phase's {:.2} CPUs and {}: its agents get {:.2} CPUs and {}",
+                b.agents,
+                b.sidecar.cpus,
+                b.sidecar.memory,
+                b.granted_cpus,
+                b.granted_memory,
+                b.agent.cpus,
+                b.agent.memory
+            ));
+        }
+    }
     lines
 }
 
@@ -93,6 +114,7 @@ fn export(r: &BudgetReport) -> bool {
             ("requested", b.requested_cpus, b.requested_memory),
             ("granted", b.granted_cpus, b.granted_memory),
             ("agent", b.agent.cpus, b.agent.memory),
+            ("sidecar", b.sidecar.cpus, b.sidecar.memory),
         ] {
             metrics::gauge!(BUDGET_CPUS, "phase" => p, "kind" => kind).set(cpus);
             metrics::gauge!(BUDGET_MEMORY, "phase" => p, "kind" => kind).set(mem.0 as f64);
@@ -121,4 +143,68 @@ fn export(r: &BudgetReport) -> bool {
         );
     }
     r.oversubscribed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_config::Phase;
+    use std::path::Path;
+
+    fn shipped() -> (Policy, Registry) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/mesh");
+        let policy = mesh_config::policy::load_dir(&dir).unwrap();
+        let registry = mesh_config::registry::load_file(&dir.join("agents.toml")).unwrap();
+        (policy, registry)
+    }
+
+    #[test]
+    fn the_shipped_registry_gives_every_sidecar_at_least_its_floor() {
+        let (policy, registry) = shipped();
+        let r = for_registry(&policy, &registry).unwrap();
+        let floor = policy.budget.sidecar;
+        for (phase, b) in &r.phases {
+            assert!(b.sidecar.cpus >= floor.cpus, "{phase}");
+            assert!(b.sidecar.memory >= floor.memory, "{phase}");
+            assert!(!b.floors_exceed_slice, "{phase}");
+            let n = b.agents as f64;
+            assert!(
+                n * (b.agent.cpus + b.sidecar.cpus) <= b.granted_cpus + 1e-9,
+                "{phase}"
+            );
+        }
+        // 34 specialized agents: their sidecars sit on the floor, not on a quarter of 0.078.
+        let spec = &r.phases[&Phase::Specialized];
+        assert_eq!(spec.agents, 34);
+        assert_eq!(spec.sidecar.cpus, floor.cpus);
+        assert_eq!(spec.sidecar.memory, floor.memory);
+        assert!(!r.floors_oversubscribe_host);
+        assert!(oversubscription(&r).iter().all(|l| !l.contains("floor")));
+    }
+
+    #[test]
+    fn floors_that_do_not_fit_are_reported_per_phase_and_for_the_host() {
+        let (mut policy, registry) = shipped();
+        // A 0.2-CPU floor: 34 specialized sidecars need 6.8 of the phase's 2.67 CPUs, and
+        // 69 need 13.8 CPUs of the host's 12.
+        policy.budget.sidecar.cpus = 0.2;
+        let r = for_registry(&policy, &registry).unwrap();
+        let lines = oversubscription(&r);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("the sidecar floors alone ask for 13.80 CPUs")),
+            "{lines:?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("specialized: 34 sidecar floors of 0.20 CPUs")),
+            "{lines:?}"
+        );
+        assert!(r.phases[&Phase::Specialized].floors_exceed_slice);
+        // The agents still get a share to size their concurrency and Ollama rate by.
+        assert!(r.agent(Phase::Specialized).unwrap().inbound_concurrency() >= 1);
+        assert!(r.agent(Phase::Specialized).unwrap().ollama_rate.is_some());
+    }
 }

@@ -212,6 +212,33 @@ pub fn check(compose: &str, others: &[(String, String)]) -> Report {
             })
         },
     );
+    // Each agent is registered once, by its sidecar, with its rendered definition.
+    let mut consul = Vec::new();
+    for (s, v) in &services {
+        let mounts = seq(v.get("volumes"));
+        let mounted = mounts.iter().any(|m| m.contains("generated/consul"));
+        if mounted && !s.ends_with("-sidecar") && s != "ollama-gateway" {
+            consul.push(format!(
+                "{s}: mounts Consul definitions (the sidecars register them: twice)"
+            ));
+        }
+        if label(v, "mesh.role") != Some("agent") {
+            continue;
+        }
+        if let Some(why) = consul_definition(s, v, others) {
+            consul.push(format!("{s}: {why}"));
+        }
+        let sidecar = services.get(&format!("{s}-sidecar"));
+        let want = format!("generated/consul/{s}.json:");
+        if !sidecar.is_some_and(|v| seq(v.get("volumes")).iter().any(|m| m.contains(&want))) {
+            consul.push(format!("{s}: its sidecar does not mount {want}"));
+        }
+    }
+    rows.push((
+        "consul_registration",
+        consul,
+        "every agent's sidecar registers its rendered definition (its port and phase)".into(),
+    ));
     // Fixed addresses anywhere: compose values and the generated files.
     let mut fixed = Vec::new();
     for (s, v) in &services {
@@ -309,8 +336,9 @@ pub fn check(compose: &str, others: &[(String, String)]) -> Report {
         "ports_in_range",
         "no_hardcoded_addresses",
         "sidecar_in_agent_namespace",
+        "consul_registration",
     ];
-    report.checks.push(rule30("network_policies_applied", all(&network), "published ports in 10000-10599, names instead of addresses, sidecars in their agents' namespaces", &network));
+    report.checks.push(rule30("network_policies_applied", all(&network), "published ports in 10000-10599, names instead of addresses, sidecars in their agents' namespaces, registered in Consul by their sidecars", &network));
     let hardening = [
         "non_root_user",
         "read_only_rootfs",
@@ -345,6 +373,40 @@ fn metrics_targets(
         .filter(|s| !targets.contains(&format!("\"{s}:15090\"")))
         .collect();
     (!missing.is_empty()).then(|| format!("no Prometheus target for {}", missing.join(", ")))
+}
+
+/// Why agent `s`'s Consul definition (`consul/<s>.json` among the generated files) does not
+/// register it on its published port in its phase, if it does not.
+fn consul_definition(s: &str, v: &Value, others: &[(String, String)]) -> Option<String> {
+    let file = format!("consul/{s}.json");
+    let Some((_, text)) = others.iter().find(|(f, _)| f.ends_with(&file)) else {
+        return Some(format!("no Consul definition ({file})"));
+    };
+    let def = match mesh_config::consul_service::Definition::from_json(text) {
+        Ok(d) => d.service,
+        Err(e) => return Some(format!("{file}: {e}")),
+    };
+    if def.id != s || def.name != s {
+        return Some(format!("{file} registers {:?} (id {:?})", def.name, def.id));
+    }
+    // Peers reach the agent on its container port (the sidecar's inbound listener).
+    let ports = seq(v.get("ports"));
+    let container = |p: &String| {
+        p.rsplit(':')
+            .next()
+            .and_then(|c| c.split('/').next()?.parse().ok())
+    };
+    if !ports.iter().any(|p| container(p) == Some(def.port)) {
+        return Some(format!(
+            "{file} registers port {}, which the agent does not expose",
+            def.port
+        ));
+    }
+    let phase = label(v, "mesh.phase").unwrap_or_default();
+    if !def.tags.iter().any(|t| *t == format!("phase={phase}")) {
+        return Some(format!("{file} lacks the tag phase={phase}"));
+    }
+    None
 }
 
 fn row(check: &'static str, target: &str, outcome: Outcome, detail: String) -> Check {

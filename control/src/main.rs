@@ -118,12 +118,16 @@ fn validate(args: &[String]) -> ExitCode {
         return ExitCode::from(2);
     };
     let dir = PathBuf::from(dir);
-    let policy = mesh_config::policy::load_dir(&dir);
-    if let Err(errors) = &policy {
-        for e in &errors.0 {
-            eprintln!("{e}");
+    // The policy's loading checks the registry too (its Rule 23 declarations are policy).
+    let policy = match mesh_config::policy::load_dir(&dir) {
+        Ok(p) => p,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            return ExitCode::from(1);
         }
-    }
+    };
     let registry_path = dir.join(mesh_config::registry::FILE_NAME);
     let registry = if registry_path.exists() {
         match mesh_config::registry::load_file(&registry_path) {
@@ -135,9 +139,6 @@ fn validate(args: &[String]) -> ExitCode {
         }
     } else {
         None
-    };
-    let Ok(policy) = policy else {
-        return ExitCode::from(1);
     };
     if let Some(registry) = &registry {
         println!(

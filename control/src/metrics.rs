@@ -106,12 +106,12 @@ fn describe() {
     describe_counter!(ACKS, "Sidecar reports, by result (applied, rejected).");
     describe_gauge!(
         BUDGET_CPUS,
-        "CPU budget by phase and kind (requested, granted, agent)."
+        "CPU budget by phase and kind (requested, granted, agent, sidecar: one of each)."
     );
     describe_gauge!(
         BUDGET_MEMORY,
         Unit::Bytes,
-        "Memory budget by phase and kind (requested, granted, agent)."
+        "Memory budget by phase and kind (requested, granted, agent, sidecar: one of each)."
     );
     describe_gauge!(
         BUDGET_SCALE,

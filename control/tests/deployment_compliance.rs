@@ -24,6 +24,15 @@ fn generated() -> Vec<(String, String)> {
         let path = root().join("deploy/generated").join(rel);
         out.push((rel.to_owned(), std::fs::read_to_string(path).unwrap()));
     }
+    let mut defs: Vec<_> = std::fs::read_dir(root().join("deploy/generated/consul"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    defs.sort();
+    for path in defs {
+        let rel = format!("consul/{}", path.file_name().unwrap().to_string_lossy());
+        out.push((rel, std::fs::read_to_string(path).unwrap()));
+    }
     out
 }
 
@@ -215,4 +224,42 @@ fn the_command_line_prints_json_and_exits_1_on_a_violation() {
     assert_eq!(row("read_only_rootfs")["result"], "fail");
     assert_eq!(row("security_headers_present")["result"], "not_applicable");
     assert_eq!(row("resource_limits_enforced")["result"], "pass");
+}
+
+#[test]
+fn a_consul_definition_on_the_wrong_port_or_loaded_by_consul_is_caught() {
+    let mut others = generated();
+    let def = others
+        .iter_mut()
+        .find(|(f, _)| f == "consul/senior-ai-engineer.json")
+        .unwrap();
+    def.1 = def.1.replace("\"port\": 10300", "\"port\": 10301");
+    let report = deployment_check::check(&compose(), &others);
+    let failed = failed(&report);
+    let names: Vec<&str> = failed.iter().map(|(c, _)| *c).collect();
+    assert_eq!(
+        names,
+        ["consul_registration", "network_policies_applied"],
+        "{failed:?}"
+    );
+    assert!(
+        failed[0]
+            .1
+            .contains("senior-ai-engineer: consul/senior-ai-engineer.json registers port 10301"),
+        "{failed:?}"
+    );
+
+    // Consul loading the definitions itself would register every agent a second time.
+    let text = in_service(&compose(), "consul", |b| {
+        b.replace(
+            "    ports:\n",
+            "    volumes:\n      - ./deploy/generated/consul:/consul/config:ro\n    ports:\n",
+        )
+    });
+    assert_caught(
+        &text,
+        "consul_registration",
+        "consul: mounts Consul definitions",
+        "network_policies_applied",
+    );
 }

@@ -30,6 +30,8 @@ pub enum StartError {
     Snapshot(#[from] LoadError),
     #[error("{0}")]
     Trace(#[from] crate::trace::export::ExportError),
+    #[error("{0}")]
+    Consul(String),
     #[error("cannot listen on {addr} ({listener}): {source}")]
     Bind {
         listener: &'static str,
@@ -105,6 +107,24 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         outbound: local_addr(&outbound_l),
         inbound: inbound_l.as_ref().map(local_addr),
         admin: local_addr(&admin_l),
+    };
+    // Checked before anything serves: a definition for another agent or port fails the start.
+    let registration = match (&boot.consul, addrs.inbound) {
+        (Some(cfg), Some(inbound)) => Some(Arc::new(
+            crate::consul_register::Registration::new(
+                cfg,
+                &boot.agent,
+                boot.phase,
+                inbound,
+                addrs.admin,
+            )
+            .map_err(StartError::Consul)?,
+        )),
+        (Some(_), None) => {
+            tracing::warn!("[consul] is set but there is no inbound listener to register");
+            None
+        }
+        _ => None,
     };
 
     let (drain, watch) = Drain::new();
@@ -243,26 +263,11 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     });
     let admin = Admin { health, prometheus };
     tokio::spawn(admin.serve(admin_l, stopped.clone()));
-    let registration = match (&boot.consul, addrs.inbound) {
-        (Some(cfg), Some(inbound)) => {
-            let reg = Arc::new(crate::consul_register::Registration::new(
-                cfg,
-                &boot.agent,
-                boot.phase,
-                inbound,
-                addrs.admin,
-            ));
-            let task = reg.clone();
-            let stop = stopped.clone();
-            tokio::spawn(async move { task.register(stop).await });
-            Some(reg)
-        }
-        (Some(_), None) => {
-            tracing::warn!("[consul] is set but there is no inbound listener to register");
-            None
-        }
-        _ => None,
-    };
+    if let Some(reg) = &registration {
+        let task = reg.clone();
+        let stop = stopped.clone();
+        tokio::spawn(async move { task.register(stop).await });
+    }
     tokio::spawn(upkeep(prometheus, stopped));
 
     tracing::info!(

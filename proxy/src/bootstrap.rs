@@ -135,6 +135,11 @@ pub struct ConsulRegistration {
     pub advertise: Option<std::net::IpAddr>,
     #[serde(with = "humantime_serde", default = "default_check_interval")]
     pub check_interval: Duration,
+    /// A Consul service definition (HashiCorp's `{"service": {...}}`, as `mesh-control render`
+    /// writes it) to register instead of the built-in one; its id and name must be this
+    /// agent's and its port the inbound port. The address is still the advertised one.
+    #[serde(default)]
+    pub service_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -1,6 +1,8 @@
 //! `deploy/deploy.sh` against a stand-in `docker` (tests/deploy/docker) that records its calls
 //! and reports the health the test scripts: phases in order, canary first, a failing canary
-//! rolled back and the run stopped, a healthy run completed, a re-run a no-op.
+//! rolled back and the run stopped, a healthy run completed, a re-run a no-op. The canary is
+//! judged against the policy's `[rollout]` thresholds, per phase, as `mesh-control render`
+//! writes them for deploy.sh.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -9,14 +11,23 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A copy of the deployment (script, rendered files, policy) with a test environment whose
-/// canary is watched for one sample, and the stand-in first on PATH.
+/// A copy of the deployment (script, rendered files, policy) whose canaries are watched for one
+/// sample (`watch = "0s"` in its policy, rendered), and the stand-in first on PATH.
 struct Site {
     dir: tempfile::TempDir,
 }
 
+/// The site's `[rollout]`: the shipped thresholds, watched for one sample.
+const ROLLOUT: &str = "[rollout]\ncanary_percent = 10\nwatch = \"0s\"\nmax_error_rate = 0.05\n\
+    max_p99 = \"2s\"\n";
+
 impl Site {
     fn new() -> Self {
+        Self::with_rollout(ROLLOUT)
+    }
+
+    /// A site whose policy's `rollout.toml` is `rollout`, rendered as an operator would.
+    fn with_rollout(rollout: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         let copy = |from: &str, to: &str| {
@@ -35,12 +46,11 @@ impl Site {
             copy(&format!("deploy/{sub}"), &format!("deploy/{sub}"));
         }
         copy("config/mesh", "config/mesh");
-        std::fs::write(
-            root.join("deploy/env/test.env"),
-            "HOST_BIND=127.0.0.1\nCANARY_PERCENT=10\nCANARY_WATCH_SECONDS=0\n\
-             CANARY_MAX_ERROR_RATE=0.05\nCANARY_MAX_P99_SECONDS=2\n",
-        )
-        .unwrap();
+        std::fs::write(root.join("config/mesh/rollout.toml"), rollout).unwrap();
+        let policy = mesh_config::policy::load_dir(&root.join("config/mesh")).unwrap();
+        let files = mesh_control::render::render(&policy, &registry()).unwrap();
+        mesh_control::render::write(&root, &files).unwrap();
+        std::fs::write(root.join("deploy/env/test.env"), "HOST_BIND=127.0.0.1\n").unwrap();
         std::fs::create_dir_all(dir.path().join("bin")).unwrap();
         std::fs::copy(
             repo().join("tests/deploy/docker"),
@@ -202,4 +212,74 @@ fn a_failing_canary_of_a_changed_phase_rolls_back_to_the_last_good_configuration
         rollback.ends_with("up --detach --no-deps agent-orchestrator agent-orchestrator-sidecar")
     );
     assert!(log(&out).contains("rolled back"), "{}", log(&out));
+}
+
+#[test]
+fn each_phase_is_judged_by_its_own_thresholds_from_the_policy() {
+    // Every sidecar of the stand-in reports p99 0.25 s. Critical allows 50 % errors, so its
+    // erring canary passes; performance allows a p99 of 100 ms, so its canary fails.
+    let site = Site::with_rollout(&format!(
+        "{ROLLOUT}[rollout.phases.critical]\nmax_error_rate = 0.6\n\
+         [rollout.phases.performance]\nmax_p99 = \"100ms\"\n"
+    ));
+    let (out, calls) = site.deploy("all", "agent-orchestrator");
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    let text = log(&out);
+    assert!(
+        text.contains("against error rate 0.6, p99 2s"),
+        "critical's thresholds: {text}"
+    );
+    assert!(text.contains("phase 'critical' healthy"), "{text}");
+    assert!(
+        text.contains("canary api-contract-validator: p99 0.25s above 0.1s"),
+        "{text}"
+    );
+    // Infrastructure, critical's canary and rest, performance's canary: then the stop.
+    assert_eq!(started(&calls).len(), 4, "{:?}", started(&calls));
+}
+
+#[test]
+fn canary_settings_in_an_environment_file_are_refused() {
+    let site = Site::new();
+    std::fs::write(
+        site.root().join("deploy/env/test.env"),
+        "HOST_BIND=127.0.0.1\nCANARY_MAX_ERROR_RATE=0.5\n",
+    )
+    .unwrap();
+    let (out, calls) = site.deploy("all", "");
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    assert!(
+        log(&out).contains("CANARY_MAX_ERROR_RATE is set") && log(&out).contains("rollout.toml"),
+        "{}",
+        log(&out)
+    );
+    assert!(started(&calls).is_empty());
+}
+
+#[test]
+fn a_phase_waits_for_the_phases_before_it() {
+    let site = Site::new();
+    // Nothing deployed yet: critical needs infrastructure first.
+    let (out, calls) = site.deploy("critical", "");
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    assert!(
+        log(&out).contains("phase 'critical' needs phase 'infrastructure' first"),
+        "{}",
+        log(&out)
+    );
+    assert!(started(&calls).is_empty());
+    let (out, _) = site.deploy("infrastructure", "");
+    assert!(out.status.success(), "{}", log(&out));
+    // Specialized also needs critical and performance.
+    let (out, calls) = site.deploy("specialized", "");
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    assert!(
+        log(&out).contains("needs phase 'critical' first"),
+        "{}",
+        log(&out)
+    );
+    assert!(started(&calls).is_empty());
+    let (out, calls) = site.deploy("critical", "");
+    assert!(out.status.success(), "{}", log(&out));
+    assert_eq!(started(&calls).len(), 2, "canary, then the rest");
 }

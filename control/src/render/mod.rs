@@ -5,7 +5,9 @@
 //! registry and policy give the same bytes, which a test compares with the checked-in files.
 
 mod compose;
+pub mod consul;
 mod limits;
+mod rollout;
 mod sidecar;
 
 pub use compose::restart as restart_policy;
@@ -41,11 +43,22 @@ pub fn render(policy: &Policy, registry: &Registry) -> Result<Files, String> {
         );
     }
     files.insert(out.join("sidecars").join("ollama.toml"), sidecar::gateway());
+    for agent in &registry.agents {
+        files.insert(
+            out.join("consul").join(format!("{}.json", agent.name)),
+            consul::to_text(&consul::agent(agent)),
+        );
+    }
+    files.insert(
+        out.join("consul").join("ollama.json"),
+        consul::to_text(&consul::gateway()),
+    );
     files.insert(out.join("snapshot.toml"), sidecar::seed_snapshot(registry));
     files.insert(
         out.join("prometheus").join("sidecars.json"),
         sidecar::prometheus_targets(registry),
     );
+    files.insert(out.join("rollout.env"), rollout::render(policy));
     Ok(files)
 }
 
