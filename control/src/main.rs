@@ -12,7 +12,8 @@ const USAGE: &str = "usage:
                      [--poll DURATION] [--max-catalog-drop PERCENT] [--admit-warning]
                      [--log LEVEL]
                      [--agent-tokens FILE (--state-dir DIR | --ca-cert FILE --ca-key FILE)
-                      [--trust-domain NAME] [--cert-lifetime DURATION]]
+                      [--trust-domain NAME] [--cert-lifetime DURATION]
+                      [--tls-name NAME]... [--tls-ip IP]...]
       Serves snapshots to sidecars. Defaults: --listen 127.0.0.1:15100, --policy config/mesh,
       --catalog config/local/catalog.toml, --poll 1s, --max-catalog-drop 50.
       A catalog losing more than PERCENT of its services or endpoints at once (or all of
@@ -23,7 +24,10 @@ const USAGE: &str = "usage:
       it signs sidecars' CSRs (POST /v1/certificate) into certificates naming
       spiffe://NAME/agent/AGENT (--trust-domain, default mesh) valid for --cert-lifetime
       (default 12h). Its key is kept in --state-dir (made on first start) or read from
-      --ca-cert/--ca-key.
+      --ca-cert/--ca-key. It then serves its API over TLS 1.3 only, with a certificate of its
+      own CA for the names sidecars dial (--tls-name, default mesh-control and localhost;
+      --tls-ip, default 127.0.0.1 and the --listen address), renewed like a sidecar's;
+      sidecars trust the CA certificate ([control] ca_file).
   mesh-control validate DIR
       Checks the policy files in DIR and the agent registry DIR/agents.toml when present;
       prints every error as file:line: reason and the budget's oversubscription; exits 1 on
@@ -37,10 +41,18 @@ const USAGE: &str = "usage:
       Checks the rendered deployment under ROOT (default .) offline: limits, ports, Rule 26
       hardening, healthchecks, fixed addresses, logging, and Rule 30's named checks as
       pass / fail / not applicable with evidence and a score; exits 1 on a violation.
-  mesh-control compliance [--status-url URL] [--timeout DURATION]
+  mesh-control compliance [--status-url URL] [--ca-file FILE] [--token-file FILE]
+                          [--timeout DURATION]
       Checks a running mesh (Rules 17, 27, 30): the control process's /status, and every
       sidecar it lists (admin /health and /metrics, snapshot version); prints a table; exits 1
-      when a check fails. Defaults: --status-url http://127.0.0.1:15100/status, --timeout 5s.";
+      when a check fails. Defaults: --status-url http://127.0.0.1:15100/status, --timeout 5s.
+      An https:// URL (a control process with identity on) is verified against --ca-file, the
+      mesh CA certificate. The operator token comes from --token-file or MESH_CONTROL_TOKEN.
+  mesh-control secrets [--policy DIR] [--root DIR]
+      Makes what the rendered deployment's compose secrets name, under ROOT/deploy/secrets/
+      (never checked in): the mesh CA, a random bootstrap token per agent of the registry
+      with the control process's tokens file, and the operator token. Existing files are
+      kept: re-run it after adding an agent. Defaults: --policy config/mesh, --root .";
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -313,6 +325,7 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
     let mut trust_domain = "mesh".to_owned();
     let mut lifetime = Duration::from_secs(12 * 3600);
     let mut level = "info".to_owned();
+    let mut server_names = mesh_control::identity::channel::ServerNames::default();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
@@ -375,6 +388,25 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
                         format!("--cert-lifetime: {v:?} is not a duration of 1s or more")
                     })?;
             }
+            "--tls-name" => {
+                let v = value()?;
+                let valid = !v.is_empty()
+                    && v.len() <= 253
+                    && v.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    });
+                if !valid {
+                    return Err(format!("--tls-name: {v:?} is not a DNS name"));
+                }
+                server_names.dns.push(v);
+            }
+            "--tls-ip" => {
+                let v = value()?;
+                server_names.ips.push(
+                    v.parse()
+                        .map_err(|_| format!("--tls-ip: {v:?} is not an IP address"))?,
+                );
+            }
             "--log" => level = value()?,
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -387,12 +419,16 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
         _ => return Err("give either --state-dir or both --ca-cert and --ca-key".into()),
     };
     cfg.identity = match (tokens, ca) {
+        (None, None) if server_names != Default::default() => {
+            return Err("--tls-name and --tls-ip need the mesh CA (--agent-tokens)".into())
+        }
         (None, None) => None,
         (Some(tokens), Some(ca)) => Some(mesh_control::IdentityConfig {
             ca,
             trust_domain,
             lifetime,
             tokens,
+            server_names: with_default_names(server_names, cfg.listen),
         }),
         (None, Some(_)) => return Err("a CA needs --agent-tokens to know who may ask".into()),
         (Some(_), None) => {
@@ -403,6 +439,24 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
         params.health.admit_warning = admit_warning;
     }
     Ok((cfg, level))
+}
+
+/// The control channel certificate's names: those given, else `mesh-control` and
+/// `localhost`; the addresses given, else loopback and the listen address.
+fn with_default_names(
+    mut names: mesh_control::identity::channel::ServerNames,
+    listen: std::net::SocketAddr,
+) -> mesh_control::identity::channel::ServerNames {
+    if names.dns.is_empty() {
+        names.dns = vec!["mesh-control".into(), "localhost".into()];
+    }
+    if names.ips.is_empty() {
+        names.ips.push(std::net::Ipv4Addr::LOCALHOST.into());
+        if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
+            names.ips.push(listen.ip());
+        }
+    }
+    names
 }
 
 fn init_log(level: &str) {

@@ -30,6 +30,8 @@ pub enum StartError {
     Snapshot(#[from] LoadError),
     #[error("{0}")]
     Trace(#[from] crate::trace::export::ExportError),
+    #[error("{0}")]
+    ControlChannel(#[from] crate::control_channel::ChannelSetupError),
     #[error("cannot listen on {addr} ({listener}): {source}")]
     Bind {
         listener: &'static str,
@@ -116,6 +118,14 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     let identity = crate::identity::Identity::new(trust_domain);
     // Only a sidecar with `[identity]` answers or dials mutual TLS.
     let tls = boot.identity.is_some().then(|| identity.clone());
+    // The control channel's trust anchor is read now: a bad `ca_file` stops the start.
+    let channel = match &boot.control {
+        Some(c) => Some(Arc::new(crate::control_channel::Channel::new(
+            c,
+            tls.clone(),
+        )?)),
+        None => None,
+    };
     let pools = match &tls {
         Some(id) => Pools::new(&boot.upstream).with_identity(id.clone()),
         None => Pools::new(&boot.upstream),
@@ -200,25 +210,26 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     if tls.is_some() {
         tokio::spawn(identity.clone().follow_mode(state.clone(), stopped.clone()));
     }
-    if let (Some(control), Some(id)) = (&boot.control, &boot.identity) {
-        let renewer = crate::identity::renew::Renewer::new(
-            control.address.clone(),
-            &boot.agent,
-            id.clone(),
-            identity.clone(),
-        );
-        tokio::spawn(renewer.run(stopped.clone()));
-    }
-    if let Some(control) = &boot.control {
+    if let (Some(control), Some(channel)) = (&boot.control, channel) {
+        if let Some(id) = &boot.identity {
+            let renewer = crate::identity::renew::Renewer::new(
+                channel.clone(),
+                &boot.agent,
+                id.clone(),
+                identity.clone(),
+            );
+            tokio::spawn(renewer.run(stopped.clone()));
+        }
         let client = crate::control_client::ControlClient::new(
             control.clone(),
+            channel,
             &boot.agent,
             boot.phase,
             state.clone(),
         )
         .with_admin(addrs.admin, boot.inbound.mode == InboundMode::Ollama);
         let client = match &boot.identity {
-            Some(id) => client.with_token_file(id.token_file.clone()),
+            Some(id) => client.with_identity(id.token_file.clone(), identity.clone()),
             None => client,
         };
         tokio::spawn(client.run(stopped.clone()));

@@ -156,6 +156,10 @@ impl Builder {
                 trust_domain: "mesh".into(),
                 lifetime,
                 tokens: path,
+                server_names: mesh_control::identity::channel::ServerNames {
+                    dns: vec!["localhost".into()],
+                    ips: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+                },
             }
         });
         let cfg = Config {
@@ -197,6 +201,7 @@ impl TestControl {
     }
 
     /// A `[control]` bootstrap section for a sidecar; `persist` keeps its last snapshot.
+    /// With identity on, the channel is TLS and the section names the mesh CA as `ca_file`.
     pub fn sidecar_toml(&self, persist: Option<&Path>) -> String {
         let mut out = format!(
             "\n[control]\naddress = \"{}\"\nwait = \"5s\"\nmax_backoff = \"100ms\"\n",
@@ -205,7 +210,18 @@ impl TestControl {
         if let Some(p) = persist {
             out.push_str(&format!("persist = {:?}\n", p.display().to_string()));
         }
+        if self.cfg.identity.is_some() {
+            out.push_str(&format!(
+                "ca_file = {:?}\n",
+                self.ca_path().display().to_string()
+            ));
+        }
         out
+    }
+
+    /// The mesh CA certificate's file: the control channel's trust anchor.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("state/ca.pem")
     }
 
     /// The mesh CA's certificate (PEM), once `identity` made one.
