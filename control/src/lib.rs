@@ -22,6 +22,7 @@ pub mod push;
 pub mod render;
 pub mod snapshots;
 pub mod status;
+pub mod status_tls;
 
 pub use app::{start, Config, IdentityConfig, Running, Source, StartError};
 

@@ -271,11 +271,29 @@ fn compliance(args: &[String]) -> ExitCode {
     }
     let mut url = "http://127.0.0.1:15100/status".to_owned();
     let mut timeout = Duration::from_secs(5);
+    let mut access = mesh_control::compliance::ControlAccess {
+        ca_file: None,
+        token: std::env::var("MESH_CONTROL_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let value = args.next();
         match (arg.as_str(), value) {
             ("--status-url", Some(v)) => url = v.clone(),
+            ("--ca-file", Some(v)) => access.ca_file = Some(v.into()),
+            ("--token-file", Some(v)) => match std::fs::read_to_string(v) {
+                Ok(t) if !t.trim().is_empty() => access.token = Some(t.trim().to_owned()),
+                Ok(_) => {
+                    eprintln!("mesh-control: --token-file: {v} is empty");
+                    return ExitCode::from(2);
+                }
+                Err(e) => {
+                    eprintln!("mesh-control: --token-file: {v}: {e}");
+                    return ExitCode::from(2);
+                }
+            },
             ("--timeout", Some(v)) => match humantime::parse_duration(v) {
                 Ok(d) if !d.is_zero() => timeout = d,
                 _ => {
@@ -299,7 +317,7 @@ fn compliance(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = rt.block_on(mesh_control::compliance::run(&url, timeout));
+    let report = rt.block_on(mesh_control::compliance::run_with(&url, timeout, &access));
     println!("{report}");
     if report.passed() {
         ExitCode::SUCCESS

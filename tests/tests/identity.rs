@@ -446,3 +446,49 @@ async fn identity_with_a_plaintext_control_address_does_not_start() {
         "the sidecar connected to the plaintext control address"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_reaches_status_over_tls_with_the_ca_and_the_operator_token() {
+    use mesh_control::compliance::{run_with, ControlAccess, Outcome};
+    let control = control::builder()
+        .identity(&[("a", TOKEN_A)], Duration::from_secs(3600))
+        .confirm_token(OPERATOR)
+        .start()
+        .await;
+    let url = format!("https://127.0.0.1:{}/status", control.addr().port());
+    let status_row = |access: ControlAccess| {
+        let url = url.clone();
+        async move {
+            let report = run_with(&url, Duration::from_secs(5), &access).await;
+            let row = report
+                .checks
+                .iter()
+                .find(|c| c.check == "control status")
+                .cloned()
+                .expect("a control status row");
+            (row.outcome, row.detail)
+        }
+    };
+    let (outcome, detail) = status_row(ControlAccess {
+        ca_file: Some(control.ca_path()),
+        token: Some(OPERATOR.into()),
+    })
+    .await;
+    assert_eq!(outcome, Outcome::Pass, "{detail}");
+
+    // Without the CA it does not connect, and says what it needs; a wrong token is refused.
+    let (outcome, detail) = status_row(ControlAccess {
+        ca_file: None,
+        token: Some(OPERATOR.into()),
+    })
+    .await;
+    assert_eq!(outcome, Outcome::Fail);
+    assert!(detail.contains("--ca-file"), "{detail}");
+    let (outcome, detail) = status_row(ControlAccess {
+        ca_file: Some(control.ca_path()),
+        token: Some(TOKEN_A.into()),
+    })
+    .await;
+    assert_eq!(outcome, Outcome::Fail);
+    assert!(detail.contains("401"), "{detail}");
+}
