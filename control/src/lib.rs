@@ -13,6 +13,7 @@ pub mod budget_engine;
 pub mod catalog_file;
 pub mod compliance;
 pub mod consul;
+pub mod deploy_secrets;
 pub mod deployment_check;
 pub mod guard;
 pub mod identity;

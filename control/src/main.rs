@@ -10,7 +10,7 @@ use std::time::Duration;
 const USAGE: &str = "usage:
   mesh-control [run] [--listen ADDR] [--policy DIR] [--consul HOST:PORT | --catalog FILE]
                      [--poll DURATION] [--max-catalog-drop PERCENT] [--admit-warning]
-                     [--log LEVEL]
+                     [--log LEVEL] [--operator-token-file FILE]
                      [--agent-tokens FILE (--state-dir DIR | --ca-cert FILE --ca-key FILE)
                       [--trust-domain NAME] [--cert-lifetime DURATION]
                       [--tls-name NAME]... [--tls-ip IP]...]
@@ -19,7 +19,9 @@ const USAGE: &str = "usage:
       A catalog losing more than PERCENT of its services or endpoints at once (or all of
       them) is held back until it recovers or an operator confirms it with
       POST /v1/catalog/confirm and `Authorization: Bearer $MESH_CONTROL_TOKEN`;
-      100 never holds. --admit-warning routes Consul instances whose checks warn.
+      100 never holds. The same operator token guards /status; --operator-token-file reads it
+      from a file (a compose secret) instead. --admit-warning routes Consul instances whose
+      checks warn.
       With --agent-tokens (a TOML file of agent = \"token\"), the process is the mesh's CA:
       it signs sidecars' CSRs (POST /v1/certificate) into certificates naming
       spiffe://NAME/agent/AGENT (--trust-domain, default mesh) valid for --cert-lifetime
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Some("validate") => return validate(&args[1..]),
         Some("compliance") => return compliance(&args[1..]),
         Some("render") => return render(&args[1..]),
+        Some("secrets") => return secrets(&args[1..]),
         Some("run") => {
             args.remove(0);
         }
@@ -243,6 +246,45 @@ fn render(args: &[String]) -> ExitCode {
     }
 }
 
+fn secrets(args: &[String]) -> ExitCode {
+    let mut policy_dir = PathBuf::from("config/mesh");
+    let mut root = PathBuf::from(".");
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let (Some(v), "--policy" | "--root") = (args.next(), arg.as_str()) else {
+            eprintln!("mesh-control: secrets: unexpected {arg:?}\n{USAGE}");
+            return ExitCode::from(2);
+        };
+        if arg == "--policy" {
+            policy_dir = v.into();
+        } else {
+            root = v.into();
+        }
+    }
+    let registry = match mesh_config::registry::load_file(
+        &policy_dir.join(mesh_config::registry::FILE_NAME),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    match mesh_control::deploy_secrets::generate(&root, &registry) {
+        Ok(written) => {
+            for path in &written {
+                println!("made {}", path.display());
+            }
+            println!("{} files made", written.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mesh-control: secrets: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn compliance(args: &[String]) -> ExitCode {
     if args.first().map(String::as_str) == Some("--deployment") {
         let mut root = PathBuf::from(".");
@@ -379,6 +421,19 @@ fn parse_run(args: Vec<String>) -> Result<(Config, String), String> {
                     .ok_or_else(|| format!("--max-catalog-drop: {v:?} is not 0 to 100"))?;
             }
             "--admit-warning" => admit_warning = true,
+            "--operator-token-file" => {
+                let v = value()?;
+                let token = std::fs::read_to_string(&v)
+                    .map_err(|e| format!("--operator-token-file: {v}: {e}"))?;
+                let token = token.trim();
+                if token.len() < mesh_control::identity::tokens::MIN_TOKEN_LEN {
+                    return Err(format!(
+                        "--operator-token-file: {v}: a token needs at least {} characters",
+                        mesh_control::identity::tokens::MIN_TOKEN_LEN
+                    ));
+                }
+                cfg.confirm_token = Some(token.to_owned());
+            }
             "--agent-tokens" => tokens = Some(PathBuf::from(value()?)),
             "--state-dir" => state_dir = Some(PathBuf::from(value()?)),
             "--ca-cert" => ca_cert = Some(PathBuf::from(value()?)),

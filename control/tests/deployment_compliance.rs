@@ -216,3 +216,44 @@ fn the_command_line_prints_json_and_exits_1_on_a_violation() {
     assert_eq!(row("security_headers_present")["result"], "not_applicable");
     assert_eq!(row("resource_limits_enforced")["result"], "pass");
 }
+
+#[test]
+fn a_sidecar_mounting_another_agents_token_or_the_ca_key_is_caught() {
+    let text = in_service(&compose(), "senior-ai-engineer-sidecar", |b| {
+        b.replace(
+            "      - mesh-ca\n",
+            "      - mesh-ca\n      - source: token-testing-qa-validator\n        target: other\n",
+        )
+    });
+    assert_caught(
+        &text,
+        "secrets_least_privilege",
+        "senior-ai-engineer-sidecar: mounts token-testing-qa-validator",
+        "network_policies_applied",
+    );
+    let text = in_service(&compose(), "senior-ai-engineer-sidecar", |b| {
+        b.replace(
+            "      - mesh-ca\n",
+            "      - mesh-ca\n      - mesh-ca-key\n",
+        )
+    });
+    assert_caught(
+        &text,
+        "secrets_least_privilege",
+        "mounts mesh-ca-key",
+        "network_policies_applied",
+    );
+    // Without its own token it cannot prove who it is.
+    let text = in_service(&compose(), "senior-ai-engineer-sidecar", |b| {
+        b.replace(
+            "      - source: token-senior-ai-engineer\n        target: agent-token\n",
+            "",
+        )
+    });
+    assert_caught(
+        &text,
+        "secrets_least_privilege",
+        "no token-senior-ai-engineer",
+        "network_policies_applied",
+    );
+}

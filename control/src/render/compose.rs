@@ -98,6 +98,7 @@ pub fn render(
     for agent in &registry.agents {
         let _ = writeln!(s, "  {}-state:", agent.name);
     }
+    s.push_str(&super::secrets::top_level(registry));
     s
 }
 
@@ -109,6 +110,7 @@ fn agent_pair(s: &mut String, agent: &Agent, p: &PairLimits) {
     let image = &agent.image;
     let agent_limits = p.agent.compose();
     let sidecar_limits = p.sidecar.compose();
+    let secrets = super::secrets::sidecar_mounts(name);
     let _ = write!(
         s,
         r#"
@@ -143,7 +145,7 @@ fn agent_pair(s: &mut String, agent: &Agent, p: &PairLimits) {
       - ./deploy/generated/sidecars/{name}.toml:/etc/mesh/sidecar.toml:ro
       - ./deploy/generated/snapshot.toml:/etc/mesh/snapshot.toml:ro
       - {name}-state:/var/lib/mesh
-    deploy:
+{secrets}    deploy:
       resources:
         limits: {sidecar_limits}
 "#
@@ -290,22 +292,30 @@ const INFRA: &str = r#"
       - ./deploy/generated/sidecars/ollama.toml:/etc/mesh/sidecar.toml:ro
       - ./deploy/generated/snapshot.toml:/etc/mesh/snapshot.toml:ro
       - ollama-gateway-state:/var/lib/mesh
+    secrets:
+      - mesh-ca
+      - source: token-ollama
+        target: agent-token
     deploy:
       resources:
         limits: {cpus: "0.25", memory: 64m}
 
   # The control process: routes from Consul, policy from config/mesh, budgets and Ollama
-  # rates, pushed to every sidecar by long-poll. Same image, other entrypoint.
+  # rates, pushed to every sidecar by long-poll. Same image, other entrypoint. It is the mesh
+  # CA (the CA, the agents' tokens and the operator token are compose secrets) and serves its
+  # channel over TLS as mesh-control.
   mesh-control:
     <<: *hardened
     image: ${MESH_PROXY_IMAGE:-mesh-proxy:local}
     profiles: [infrastructure, all]
     entrypoint: ["/usr/local/bin/mesh-control"]
     command: ["run", "--listen", "0.0.0.0:15010", "--policy", "/etc/mesh/policy",
-              "--consul", "consul:8500"]
-    environment:
-      # Enables POST /v1/catalog/confirm (a catalog held back for dropping too much); unset: off.
-      MESH_CONTROL_TOKEN: ${MESH_CONTROL_TOKEN:-}
+              "--consul", "consul:8500",
+              "--agent-tokens", "/run/secrets/agent-tokens",
+              "--ca-cert", "/run/secrets/mesh-ca", "--ca-key", "/run/secrets/mesh-ca-key",
+              "--tls-name", "mesh-control", "--tls-name", "localhost",
+              "--operator-token-file", "/run/secrets/operator-token"]
+    secrets: [mesh-ca, mesh-ca-key, agent-tokens, operator-token]
     restart: always
     labels:
       mesh.phase: infrastructure
@@ -315,7 +325,7 @@ const INFRA: &str = r#"
     volumes:
       - ./config/mesh:/etc/mesh/policy:ro
     healthcheck:
-      test: ["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "http://127.0.0.1:15010/health"]
+      test: ["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "--cacert", "/run/secrets/mesh-ca", "https://localhost:15010/health"]
       interval: 10s
       timeout: 3s
       retries: 3
@@ -386,6 +396,8 @@ const INFRA: &str = r#"
       - ./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro
       - ./deploy/generated/prometheus/sidecars.json:/etc/prometheus/targets/sidecars.json:ro
       - prometheus-data:/prometheus
+    # mesh-control's /metrics is on its TLS channel.
+    secrets: [mesh-ca]
     ports:
       - "${HOST_BIND:-127.0.0.1}:@PROMETHEUS_PORT@:9090"
     healthcheck:

@@ -6,6 +6,7 @@
 
 mod compose;
 mod limits;
+pub mod secrets;
 mod sidecar;
 
 pub use compose::restart as restart_policy;
@@ -37,11 +38,22 @@ pub fn render(policy: &Policy, registry: &Registry) -> Result<Files, String> {
     for agent in &registry.agents {
         files.insert(
             out.join("sidecars").join(format!("{}.toml", agent.name)),
-            sidecar::render(agent, &pairs[&agent.name]),
+            sidecar::render(agent, &pairs[&agent.name]) + &secrets::sidecar_identity(),
         );
     }
-    files.insert(out.join("sidecars").join("ollama.toml"), sidecar::gateway());
-    files.insert(out.join("snapshot.toml"), sidecar::seed_snapshot(registry));
+    files.insert(
+        out.join("sidecars").join("ollama.toml"),
+        sidecar::gateway() + &secrets::sidecar_identity(),
+    );
+    // The policy's mutual-TLS mode from the first snapshot on, as mesh-control will push it.
+    let seed = format!(
+        "{}
+[identity]
+mode = \"{}\"\n",
+        sidecar::seed_snapshot(registry),
+        policy.identity.mode.as_str()
+    );
+    files.insert(out.join("snapshot.toml"), seed);
     files.insert(
         out.join("prometheus").join("sidecars.json"),
         sidecar::prometheus_targets(registry),

@@ -1,5 +1,6 @@
 //! Sidecar bootstraps and Prometheus targets for the agents of the registry.
 
+use super::secrets::CA_IN_CONTAINER;
 use super::PairLimits;
 use mesh_config::registry::Agent;
 use mesh_config::Registry;
@@ -43,10 +44,11 @@ queue_timeout = "1s"
 file = "/etc/mesh/snapshot.toml"
 poll_interval = "1s"
 
-# mesh-control serves routes, budgets and Ollama rates.
+# mesh-control serves routes, budgets and Ollama rates, over TLS trusting the mesh CA.
 [control]
 address = "{CONTROL_ADDRESS}"
 persist = "/var/lib/mesh/snapshot.json"
+ca_file = "{CA_IN_CONTAINER}"
 
 # Registers the agent (the address it reaches Consul from, its mesh port, a /health check)
 # and deregisters it before draining.
@@ -99,6 +101,7 @@ poll_interval = "1s"
 [control]
 address = "{CONTROL_ADDRESS}"
 persist = "/var/lib/mesh/snapshot.json"
+ca_file = "{CA_IN_CONTAINER}"
 
 [consul]
 address = "{CONSUL_ADDRESS}"
