@@ -12,6 +12,7 @@
 //! 65532: so the files are world-readable (0644) inside that private directory, and each
 //! container sees only the secrets its service lists.
 
+use crate::identity::ca::{Ca, CaSource};
 use crate::render::secrets::{
     token_file, CA_CERT_FILE, CA_KEY_FILE, OPERATOR_TOKEN_FILE, SECRETS_DIR, TOKENS_FILE,
 };
@@ -38,16 +39,19 @@ pub fn generate(root: &Path, registry: &Registry) -> Result<Vec<PathBuf>, String
 
     let ca_cert = dir.join(CA_CERT_FILE);
     let ca_key = dir.join(CA_KEY_FILE);
-    if !ca_cert.exists() && !ca_key.exists() {
-        let ca_dir = ca_cert.parent().unwrap_or(&dir).to_owned();
-        // The same root mesh-control makes in a state directory; its lifetime for leaves is
-        // irrelevant here.
-        crate::identity::ca::Ca::load(
-            &crate::identity::ca::CaSource::StateDir(ca_dir),
-            "mesh",
-            Duration::from_secs(3600),
-        )
-        .map_err(|e| e.to_string())?;
+    // Made here unless the operator brought a pair, which is checked as mesh-control will.
+    let made = !ca_cert.exists() && !ca_key.exists();
+    let source = if made {
+        CaSource::StateDir(ca_cert.parent().unwrap_or(&dir).to_owned())
+    } else {
+        CaSource::Files {
+            cert: ca_cert.clone(),
+            key: ca_key.clone(),
+        }
+    };
+    // The lifetime of leaves is mesh-control's to choose; none is signed here.
+    Ca::load(&source, "mesh", Duration::from_secs(3600)).map_err(|e| e.to_string())?;
+    if made {
         written.push(ca_cert.clone());
         written.push(ca_key.clone());
     }
@@ -132,5 +136,9 @@ mod tests {
         assert!(generate(root.path(), &registry).unwrap().is_empty());
         let again = std::fs::read_to_string(dir.join(token_file(&registry.agents[0].name)));
         assert_eq!(again.unwrap(), a);
+        // A CA certificate without its key is refused, naming the file.
+        std::fs::remove_file(dir.join(CA_KEY_FILE)).unwrap();
+        let err = generate(root.path(), &registry).unwrap_err();
+        assert!(err.contains("ca-key.pem"), "{err}");
     }
 }

@@ -629,6 +629,21 @@ mod tests {
     }
 
     #[test]
+    fn identity_needs_a_tls_control_channel() {
+        let with = |control: &str| {
+            format!("{HEAD}[control]\naddress = \"mesh-control:15010\"\n{control}[identity]\ntoken_file = \"/run/secrets/t\"\n")
+        };
+        let err = Bootstrap::from_toml(Path::new("s.toml"), &with("")).unwrap_err();
+        assert!(err.to_string().contains("control.ca_file"), "{err}");
+        let boot = Bootstrap::from_toml(Path::new("s.toml"), &with("ca_file = \"/ca.pem\"\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            boot.control.unwrap().ca_file,
+            Some(PathBuf::from("/ca.pem"))
+        );
+    }
+
+    #[test]
     fn upstream_ports_are_checked() {
         let ok =
             format!("{HEAD}[[upstreams]]\nservice = \"ollama\"\nlisten = \"127.0.0.1:11434\"\n");

@@ -35,6 +35,14 @@ impl Site {
             copy(&format!("deploy/{sub}"), &format!("deploy/{sub}"));
         }
         copy("config/mesh", "config/mesh");
+        // The compose secrets, made by the real `mesh-control secrets` into the copy.
+        let secrets = Command::new(mesh_tests::control::binary_path())
+            .current_dir(repo())
+            .args(["secrets", "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(secrets.status.success(), "{secrets:?}");
         std::fs::write(
             root.join("deploy/env/test.env"),
             "HOST_BIND=127.0.0.1\nCANARY_PERCENT=10\nCANARY_WATCH_SECONDS=0\n\
@@ -98,6 +106,16 @@ fn started(calls: &[String]) -> Vec<Vec<String>> {
 
 fn registry() -> mesh_config::Registry {
     mesh_config::registry::load_file(&repo().join("config/mesh/agents.toml")).unwrap()
+}
+
+#[test]
+fn without_the_secrets_nothing_starts_and_the_reason_is_given() {
+    let site = Site::new();
+    std::fs::remove_dir_all(site.root().join("deploy/secrets")).unwrap();
+    let (out, calls) = site.deploy("all", "");
+    assert!(!out.status.success());
+    assert!(log(&out).contains("mesh-control secrets"), "{}", log(&out));
+    assert!(started(&calls).is_empty(), "{calls:?}");
 }
 
 #[test]

@@ -492,3 +492,40 @@ async fn compliance_reaches_status_over_tls_with_the_ca_and_the_operator_token()
     assert_eq!(outcome, Outcome::Fail);
     assert!(detail.contains("401"), "{detail}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bring_your_own_ca_signs_sidecars_and_serves_the_channel() {
+    let (ca, key) = tls::other_ca();
+    let control = control::builder()
+        .identity(&[("a", TOKEN_A)], Duration::from_secs(3600))
+        .byo_ca(&ca, &key)
+        .catalog(&control::catalog(&[(
+            "a",
+            "critical",
+            &[control::NOT_LISTENING],
+        )]))
+        .start()
+        .await;
+    assert_eq!(control.ca_pem(), ca);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN_A).expect("write the token");
+    let sidecar = proxy::builder()
+        .agent("a")
+        .bootstrap_extra(&format!(
+            "{}\n[identity]\ntoken_file = {:?}\n",
+            control.sidecar_toml(None),
+            token_file.display().to_string()
+        ))
+        .spawn()
+        .await;
+    wait_for_metric(
+        sidecar.admin(),
+        "agent_identity_renewals_total",
+        &[("result", "ok")],
+        1.0,
+    )
+    .await;
+    let version = control.wait_version_after(0).await;
+    control.wait_applied(version, 1).await;
+}
