@@ -111,6 +111,34 @@ pub async fn control(
     send_tls(addr, "127.0.0.1", builder, cert, req).await
 }
 
+/// Completes a TLS handshake with the control process, verifying it against `ca_pem` for the
+/// name `127.0.0.1`; answers the leaf certificate it served (DER).
+pub async fn control_leaf(addr: SocketAddr, ca_pem: &str) -> Result<Vec<u8>, BoxError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = crate::bounded(
+        "a TLS handshake",
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp),
+    )
+    .await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no server certificate")?;
+    Ok(leaf.as_ref().to_vec())
+}
+
 async fn exchange(
     addr: SocketAddr,
     cert: Option<&ClientCert>,

@@ -362,6 +362,36 @@ mod tests {
     }
 
     #[test]
+    fn the_control_channel_certificate_names_what_sidecars_dial_and_serves_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load(
+            &CaSource::StateDir(dir.path().into()),
+            "mesh",
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let issued = ca
+            .issue_server(&["mesh-control".into()], &["127.0.0.1".parse().unwrap()])
+            .unwrap();
+        // The leaf, then the CA: a sidecar trusting a root above an intermediate builds the chain.
+        assert!(issued.chain_pem.ends_with(ca.ca_pem()));
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.chain_pem.as_bytes()).unwrap();
+        let leaf = pem.parse_x509().unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![
+                x509_parser::extensions::GeneralName::DNSName("mesh-control"),
+                x509_parser::extensions::GeneralName::IPAddress(&[127, 0, 0, 1]),
+            ]
+        );
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        assert!(!leaf.is_ca());
+        assert!(ca.issue_server(&["mesh-contröl".into()], &[]).is_err());
+    }
+
+    #[test]
     fn a_mismatched_key_and_certificate_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let one = CaSource::StateDir(dir.path().join("one"));
