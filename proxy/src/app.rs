@@ -210,7 +210,11 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     if tls.is_some() {
         tokio::spawn(identity.clone().follow_mode(state.clone(), stopped.clone()));
     }
-    if let (Some(control), Some(channel)) = (&boot.control, channel) {
+    let link = boot
+        .control
+        .as_ref()
+        .map(|c| crate::health::ControlLink::new(&c.address));
+    if let (Some(control), Some(channel), Some(link)) = (&boot.control, channel, &link) {
         if let Some(id) = &boot.identity {
             let renewer = crate::identity::renew::Renewer::new(
                 channel.clone(),
@@ -227,7 +231,8 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
             boot.phase,
             state.clone(),
         )
-        .with_admin(addrs.admin, boot.inbound.mode == InboundMode::Ollama);
+        .with_admin(addrs.admin, boot.inbound.mode == InboundMode::Ollama)
+        .with_link(link.clone());
         let client = match &boot.identity {
             Some(id) => client.with_identity(id.token_file.clone(), identity.clone()),
             None => client,
@@ -251,6 +256,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         app,
         state: state.clone(),
         draining: drain.draining(),
+        control: link,
     });
     let admin = Admin { health, prometheus };
     tokio::spawn(admin.serve(admin_l, stopped.clone()));

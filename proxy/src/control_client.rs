@@ -52,6 +52,8 @@ pub struct ControlClient {
     /// The agent's bootstrap token and certificate: with mesh identity on, the control
     /// process serves an agent's snapshot only to the holder of its certificate or token.
     proof: Option<(std::path::PathBuf, Arc<Identity>)>,
+    /// What `/health` reports of the channel.
+    link: Option<Arc<crate::health::ControlLink>>,
 }
 
 /// Reads a persisted snapshot; a missing or unreadable file is `None` (and logged).
@@ -106,7 +108,14 @@ impl ControlClient {
             seen,
             report: String::new(),
             proof: None,
+            link: None,
         }
+    }
+
+    /// Reports each exchange's outcome to `/health`.
+    pub fn with_link(mut self, link: Arc<crate::health::ControlLink>) -> Self {
+        self.link = Some(link);
+        self
     }
 
     /// Proves the agent with its certificate in force (presented in the TLS handshake) or,
@@ -135,6 +144,9 @@ impl ControlClient {
             let delay = tokio::select! {
                 res = self.poll_once() => match res {
                     Ok(()) => {
+                        if let Some(link) = &self.link {
+                            link.reachable();
+                        }
                         if failing {
                             tracing::info!(control = %self.cfg.address, "control reachable again");
                         }
@@ -143,6 +155,9 @@ impl ControlClient {
                         None
                     }
                     Err(e) => {
+                        if let Some(link) = &self.link {
+                            link.failed(e.to_string());
+                        }
                         if !failing {
                             tracing::warn!(error = %e, version = self.state.load().version(),
                                 "control unreachable; keeping the snapshot in force");

@@ -389,6 +389,14 @@ async fn a_sidecar_with_the_wrong_trust_anchor_gets_nothing_and_says_why() {
         lines.iter().all(|l| !l.contains(TOKEN_A)),
         "the token is never logged"
     );
+    // `/health` says it too.
+    let health = mesh_tests::client::http1(sidecar.admin())
+        .get("admin", "/health")
+        .await
+        .json();
+    assert_eq!(health["control"]["status"], "unreachable", "{health}");
+    let error = health["control"]["error"].as_str().unwrap_or("");
+    assert!(error.contains("UnknownIssuer"), "{health}");
     let metrics = scrape(sidecar.admin()).await;
     assert_eq!(
         metric_or_zero(
@@ -528,6 +536,15 @@ async fn a_bring_your_own_ca_signs_sidecars_and_serves_the_channel() {
     .await;
     let version = control.wait_version_after(0).await;
     control.wait_applied(version, 1).await;
+    let admin = sidecar.admin();
+    eventually("/health to report control reachable", || async move {
+        let health = mesh_tests::client::http1(admin)
+            .get("admin", "/health")
+            .await
+            .json();
+        (health["control"]["status"] == "reachable").then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
