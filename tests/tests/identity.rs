@@ -499,6 +499,26 @@ async fn compliance_reaches_status_over_tls_with_the_ca_and_the_operator_token()
     .await;
     assert_eq!(outcome, Outcome::Fail);
     assert!(detail.contains("401"), "{detail}");
+
+    // The binary, with the CA and the operator token from files.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("operator.token");
+    std::fs::write(&token, format!("{OPERATOR}\n")).expect("write the token");
+    let out = mesh_tests::bounded(
+        "mesh-control compliance",
+        tokio::process::Command::new(control::binary_path())
+            .args(["compliance", "--status-url", &url, "--ca-file"])
+            .arg(control.ca_path())
+            .arg("--token-file")
+            .arg(&token)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run mesh-control");
+    let table = String::from_utf8_lossy(&out.stdout);
+    // No sidecar has polled yet: the run fails, but not on reaching /status.
+    assert!(table.contains("answered with JSON"), "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
