@@ -90,6 +90,9 @@ reason=""
 command -v docker >/dev/null || die "docker is not installed"
 docker compose version >/dev/null 2>&1 || die "the docker compose plugin is not installed"
 docker info >/dev/null 2>&1 || die "cannot reach the Docker engine (is it running? may this user use it?)"
+# Mesh identity: the compose secrets (mesh CA, bootstrap tokens) exist before anything starts.
+[[ -f "$ROOT/deploy/secrets/agent-tokens.toml" && -f "$ROOT/deploy/secrets/ca/ca.pem" ]] ||
+    die "no deploy/secrets/: make them first with 'mesh-control secrets' (cargo run -p mesh-control -- secrets)"
 
 # compose [--from DIR] ARGS: the rendered deployment in ROOT, or a saved one in DIR.
 compose() {
@@ -227,6 +230,8 @@ save_good() {
         if [[ -d "$ROOT/deploy/$sub" ]]; then cp -R "$ROOT/deploy/$sub" "$dir.tmp/deploy/"; fi
     done
     cp -R "$ROOT/config/mesh" "$dir.tmp/config/"
+    # Secrets are not copied: a rollback mounts the ones in force.
+    ln -s "$ROOT/deploy/secrets" "$dir.tmp/deploy/secrets"
     rm -rf "$dir"
     mv "$dir.tmp" "$dir"
     echo "$key" >"$state_dir/$name.applied"

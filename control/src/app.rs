@@ -56,6 +56,9 @@ pub struct IdentityConfig {
     pub lifetime: Duration,
     /// The per-agent bootstrap tokens file (see [`crate::identity::tokens`]).
     pub tokens: PathBuf,
+    /// The names and addresses sidecars dial the control channel at: its TLS certificate's
+    /// SANs.
+    pub server_names: crate::identity::channel::ServerNames,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,8 @@ pub enum StartError {
     Consul(#[from] ConsulError),
     #[error("mesh CA: {0}")]
     Identity(#[from] crate::identity::ca::CaError),
+    #[error("{0}")]
+    Channel(#[from] crate::identity::channel::ChannelError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -97,6 +102,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             tokens: id.tokens.clone(),
         })),
         None => None,
+    };
+    // The mesh CA serves its channel over TLS with a certificate of its own issue.
+    let tls = match (&identity, &cfg.identity) {
+        (Some(identity), Some(id)) => Some(Arc::new(crate::identity::channel::ChannelTls::new(
+            &identity.ca,
+            &id.trust_domain,
+            id.server_names.clone(),
+        )?)),
+        _ => None,
     };
     let dir = cfg.policy_dir.clone();
     let files = policy::read_dir(&dir).map_err(|e| PolicyErrors(vec![e]))?;
@@ -205,10 +219,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             token: cfg.confirm_token.clone(),
             guard: confirm_tx,
         },
-        identity,
+        identity: identity.clone(),
+        tls: tls.clone(),
     };
+    if let (Some(tls), Some(identity)) = (tls, identity) {
+        tokio::spawn(tls.renew(identity, stopped.clone()));
+    }
     let served = tokio::spawn(push.serve(listener, stopped));
-    tracing::info!(%addr, source = source_name, policy = %cfg.policy_dir.display(), "control ready");
+    tracing::info!(%addr, source = source_name, policy = %cfg.policy_dir.display(),
+        tls = cfg.identity.is_some(), "control ready");
     Ok(Running {
         addr,
         stop,

@@ -57,7 +57,7 @@ pub struct Report {
 /// Why one HTTP exchange failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("{0:?} is not an http:// URL with a host")]
+    #[error("{0:?} is not an http:// or https:// URL with a host")]
     Url(String),
     #[error("{uri}: {reason}")]
     Transport { uri: String, reason: String },
@@ -71,11 +71,43 @@ struct Reply {
     body: Bytes,
 }
 
+/// How the tool reaches the control process's `/status`.
+#[derive(Clone, Debug, Default)]
+pub struct ControlAccess {
+    /// The mesh CA certificate, for an `https://` status URL (identity on).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// The operator token; never sent to the sidecars.
+    pub token: Option<String>,
+}
+
 /// Runs every check against the control process at `status_url` (`http://host:port` or its
-/// `/status`), waiting at most `timeout` for each answer.
+/// `/status`), waiting at most `timeout` for each answer; the operator token from
+/// `MESH_CONTROL_TOKEN`.
 pub async fn run(status_url: &str, timeout: Duration) -> Report {
-    let http = Http::new(timeout);
+    let access = ControlAccess {
+        ca_file: None,
+        token: std::env::var("MESH_CONTROL_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    run_with(status_url, timeout, &access).await
+}
+
+/// [`run`] with the CA file and operator token given: an `https://` status URL is verified
+/// against the CA.
+pub async fn run_with(status_url: &str, timeout: Duration, access: &ControlAccess) -> Report {
     let mut report = Report::default();
+    let tls = match &access.ca_file {
+        Some(path) => match crate::status_tls::StatusTls::from_ca_file(path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                report.fail("control status", status_url, format!("--ca-file: {e}"));
+                return report;
+            }
+        },
+        None => None,
+    };
+    let http = Http::new(timeout, tls);
     let url = status_url.trim_end_matches('/');
     let url = if url.ends_with("/status") {
         url.to_owned()
@@ -84,10 +116,7 @@ pub async fn run(status_url: &str, timeout: Duration) -> Report {
     };
     // The operator token, when the control process guards `/status` with one; never sent to
     // the sidecars.
-    let token = std::env::var("MESH_CONTROL_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
-    let status = match http.fetch(&url, token.as_deref()).await {
+    let status = match http.fetch(&url, access.token.as_deref()).await {
         Ok(r) if r.status == StatusCode::OK => match serde_json::from_slice::<Value>(&r.body) {
             Ok(v) => v,
             Err(e) => {
@@ -358,15 +387,18 @@ impl fmt::Display for Report {
 
 struct Http {
     client: Client<HttpConnector, Empty<Bytes>>,
+    /// For an `https://` control URL.
+    tls: Option<crate::status_tls::StatusTls>,
     timeout: Duration,
 }
 
 impl Http {
-    fn new(timeout: Duration) -> Self {
+    fn new(timeout: Duration, tls: Option<crate::status_tls::StatusTls>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
+            tls,
             timeout,
         }
     }
@@ -377,8 +409,13 @@ impl Http {
 
     async fn fetch(&self, url: &str, bearer: Option<&str>) -> Result<Reply, FetchError> {
         let uri: Uri = url.parse().map_err(|_| FetchError::Url(url.to_owned()))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if uri.host().is_none() {
             return Err(FetchError::Url(url.to_owned()));
+        }
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return self.fetch_tls(url, &uri, bearer).await,
+            _ => return Err(FetchError::Url(url.to_owned())),
         }
         let mut req = Request::get(uri);
         if let Some(t) = bearer {
@@ -419,6 +456,39 @@ impl Http {
                     after: self.timeout,
                 })
             })
+    }
+}
+
+// === impl Http (https) ===
+
+impl Http {
+    async fn fetch_tls(
+        &self,
+        url: &str,
+        uri: &Uri,
+        bearer: Option<&str>,
+    ) -> Result<Reply, FetchError> {
+        let Some(tls) = &self.tls else {
+            return Err(FetchError::Transport {
+                uri: url.to_owned(),
+                reason: "an https:// URL needs --ca-file (the mesh CA certificate)".into(),
+            });
+        };
+        match tokio::time::timeout(self.timeout, tls.get(uri, bearer, MAX_BODY)).await {
+            Ok(Ok((status, content_type, body))) => Ok(Reply {
+                status,
+                content_type,
+                body,
+            }),
+            Ok(Err(reason)) => Err(FetchError::Transport {
+                uri: url.to_owned(),
+                reason,
+            }),
+            Err(_) => Err(FetchError::Timeout {
+                uri: url.to_owned(),
+                after: self.timeout,
+            }),
+        }
     }
 }
 

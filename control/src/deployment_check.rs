@@ -212,6 +212,41 @@ pub fn check(compose: &str, others: &[(String, String)]) -> Report {
             })
         },
     );
+    per(
+        "secrets_least_privilege",
+        "each sidecar mounts the mesh CA and its own agent's token only; the CA key, tokens \
+         file and operator token only mesh-control"
+            .into(),
+        &|s, v| {
+            let mounted = secret_sources(v);
+            let own = s
+                .strip_suffix("-sidecar")
+                .or((s == "ollama-gateway").then_some("ollama"));
+            for secret in &mounted {
+                let allowed = match secret.strip_prefix("token-") {
+                    Some(agent) => own == Some(agent),
+                    None => match secret.as_str() {
+                        "mesh-ca" => true,
+                        _ => s == "mesh-control",
+                    },
+                };
+                if !allowed {
+                    return Some(format!("mounts {secret}, not its own"));
+                }
+            }
+            let sidecar = label(v, "mesh.role") == Some("sidecar");
+            let needs = own.map(|a| format!("token-{a}"));
+            match needs {
+                Some(token) if sidecar && !mounted.contains(&token) => {
+                    Some(format!("no {token}: its sidecar cannot prove who it is"))
+                }
+                _ if sidecar && !mounted.iter().any(|m| m == "mesh-ca") => {
+                    Some("no mesh-ca: it cannot verify mesh-control".into())
+                }
+                _ => None,
+            }
+        },
+    );
     // Each agent is registered once, by its sidecar, with its rendered definition.
     let mut consul = Vec::new();
     for (s, v) in &services {
@@ -337,8 +372,9 @@ pub fn check(compose: &str, others: &[(String, String)]) -> Report {
         "no_hardcoded_addresses",
         "sidecar_in_agent_namespace",
         "consul_registration",
+        "secrets_least_privilege",
     ];
-    report.checks.push(rule30("network_policies_applied", all(&network), "published ports in 10000-10599, names instead of addresses, sidecars in their agents' namespaces, registered in Consul by their sidecars", &network));
+    report.checks.push(rule30("network_policies_applied", all(&network), "published ports in 10000-10599, names instead of addresses, sidecars in their agents' namespaces, registered in Consul by their sidecars, each sidecar with only its own identity secrets", &network));
     let hardening = [
         "non_root_user",
         "read_only_rootfs",
@@ -437,6 +473,16 @@ fn collect_texts(dir: &Path, out: &mut Vec<(String, String)>) {
             out.push((path.display().to_string(), text));
         }
     }
+}
+
+/// The secrets a service mounts: short (`- name`) and long (`- source: name`) forms.
+fn secret_sources(v: &Value) -> Vec<String> {
+    let Some(list) = v.get("secrets").and_then(Value::as_sequence) else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|e| scalar(e).or_else(|| e.get("source").and_then(scalar)))
+        .collect()
 }
 
 fn limit<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {

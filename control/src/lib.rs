@@ -13,6 +13,7 @@ pub mod budget_engine;
 pub mod catalog_file;
 pub mod compliance;
 pub mod consul;
+pub mod deploy_secrets;
 pub mod deployment_check;
 pub mod guard;
 pub mod identity;
@@ -22,6 +23,7 @@ pub mod push;
 pub mod render;
 pub mod snapshots;
 pub mod status;
+pub mod status_tls;
 
 pub use app::{start, Config, IdentityConfig, Running, Source, StartError};
 

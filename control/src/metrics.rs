@@ -27,6 +27,7 @@ pub const BUDGET_OVERSUBSCRIBED: &str = "mesh_control_budget_oversubscribed";
 pub const BUDGET_OLLAMA_RATE: &str = "mesh_control_budget_ollama_rate";
 pub const IDENTITY_ISSUED: &str = "mesh_control_identity_issued_total";
 pub const IDENTITY_REFUSED: &str = "mesh_control_identity_refused_total";
+pub const CHANNEL_HANDSHAKE_FAILURES: &str = "mesh_control_channel_handshake_failures_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -53,6 +54,7 @@ fn register_at_zero() {
     metrics::counter!(CONSUL_ERRORS).increment(0);
     metrics::gauge!(CATALOG_HELD).set(0.0);
     metrics::counter!(IDENTITY_ISSUED).increment(0);
+    metrics::counter!(CHANNEL_HANDSHAKE_FAILURES).increment(0);
     for reason in crate::identity::REFUSAL_REASONS {
         metrics::counter!(IDENTITY_REFUSED, "reason" => reason).increment(0);
     }
@@ -89,7 +91,11 @@ fn describe() {
     describe_counter!(IDENTITY_ISSUED, "Certificates the mesh CA signed.");
     describe_counter!(
         IDENTITY_REFUSED,
-        "Certificate requests refused, by reason (no_token, wrong_token, bad_request, bad_csr)."
+        "Control-channel calls refused, by reason (no_token, wrong_token, wrong_certificate, bad_request, bad_csr)."
+    );
+    describe_counter!(
+        CHANNEL_HANDSHAKE_FAILURES,
+        "TLS handshakes of the control channel that failed (plaintext clients, untrusted or expired certificates)."
     );
     describe_counter!(POLICY_APPLIED, "Policy edits applied.");
     describe_counter!(POLICY_REJECTIONS, "Policy edits rejected as invalid.");

@@ -7,6 +7,9 @@
 //! `POST /v1/ack` takes `{"agent", "version", "rejected"?}`. `POST /v1/catalog/confirm` with
 //! `Authorization: Bearer <MESH_CONTROL_TOKEN>` publishes a catalog the guard holds back.
 //! `POST /v1/certificate` signs a sidecar's CSR (see [`crate::identity`]).
+//!
+//! With mesh identity on, every call is over TLS ([`crate::identity::channel`]); a plaintext
+//! client gets no answer. Without it the channel is plaintext HTTP/1.
 
 use crate::guard::Confirm;
 use crate::snapshots::Generation;
@@ -40,6 +43,16 @@ pub struct Push {
     pub confirm: Confirmer,
     /// The mesh CA; `None` when identity is off.
     pub identity: Option<Arc<crate::identity::Identity>>,
+    /// With identity on, the channel is TLS only; `None` serves plaintext (a mesh without
+    /// identity).
+    pub tls: Option<Arc<crate::identity::channel::ChannelTls>>,
+}
+
+/// Who is calling: the address, and the agent its TLS client certificate names.
+#[derive(Clone, Debug)]
+struct Peer {
+    addr: SocketAddr,
+    agent: Option<Arc<str>>,
 }
 
 /// `POST /v1/catalog/confirm`: an operator publishes a catalog the guard holds back.
@@ -85,17 +98,26 @@ impl Push {
             let open = open.clone();
             tokio::spawn(async move {
                 let _open = open;
-                let svc = hyper::service::service_fn(move |req| {
-                    let push = push.clone();
-                    async move { Ok::<_, Infallible>(push.handle(req, peer).await) }
-                });
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-                // A stopped control process closes every connection, long-polls included.
-                tokio::select! {
-                    res = conn => if let Err(e) = res {
-                        tracing::debug!(error = %e, "connection ended");
-                    },
-                    _ = crate::stopped(&mut stop) => {}
+                match push.tls.clone() {
+                    Some(tls) => {
+                        let accepted = tokio::select! {
+                            a = tls.accept(stream) => a,
+                            _ = crate::stopped(&mut stop) => return,
+                        };
+                        if let Some((stream, agent)) = accepted {
+                            let peer = Peer { addr: peer, agent };
+                            push.serve_connection(TokioIo::new(stream), peer, stop)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let peer = Peer {
+                            addr: peer,
+                            agent: None,
+                        };
+                        push.serve_connection(TokioIo::new(stream), peer, stop)
+                            .await;
+                    }
                 }
             });
         }
@@ -104,16 +126,41 @@ impl Push {
         let _ = all_closed.recv().await;
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    async fn serve_connection<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: Peer,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let push = self;
+        let svc = hyper::service::service_fn(move |req| {
+            let push = push.clone();
+            let peer = peer.clone();
+            async move { Ok::<_, Infallible>(push.handle(req, &peer).await) }
+        });
+        let conn = http1::Builder::new().serve_connection(io, svc);
+        // A stopped control process closes every connection, long-polls included.
+        tokio::select! {
+            res = conn => if let Err(e) = res {
+                tracing::debug!(error = %e, "connection ended");
+            },
+            _ = crate::stopped(&mut stop) => {}
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/v1/snapshot") => match parse_poll(req.uri().query().unwrap_or("")) {
                 Ok(mut poll) => {
-                    if let Some(refused) = self.check_agent(req.headers(), &poll.agent).await {
+                    if let Some(refused) = self.check_agent(req.headers(), &poll.agent, peer).await
+                    {
                         return refused;
                     }
                     // A sidecar bound to 0.0.0.0 is reached at the address it polls from.
                     if let Some(admin) = poll.admin.as_mut().filter(|a| a.ip().is_unspecified()) {
-                        admin.set_ip(peer.ip());
+                        admin.set_ip(peer.addr.ip());
                     }
                     self.snapshot(poll).await
                 }
@@ -121,11 +168,11 @@ impl Push {
             },
             (&Method::POST, "/v1/ack") => {
                 let headers = req.headers().clone();
-                self.ack(req, &headers).await
+                self.ack(req, &headers, peer).await
             }
             (&Method::POST, "/v1/catalog/confirm") => self.confirm.call(req.headers()).await,
             (&Method::POST, "/v1/certificate") => match &self.identity {
-                Some(identity) => identity.certificate(req).await,
+                Some(identity) => identity.certificate(req, peer.agent.as_deref()).await,
                 None => error(StatusCode::NOT_FOUND, "mesh identity is off"),
             },
             (&Method::GET, "/status") => match self.confirm.refuse_non_operator(req.headers()) {
@@ -208,15 +255,20 @@ impl Push {
         &self,
         headers: &http::HeaderMap,
         agent: &str,
+        peer: &Peer,
     ) -> Option<Response<Full<Bytes>>> {
         let identity = self.identity.as_ref()?;
-        identity.check_agent(headers, agent).await.err()
+        identity
+            .check_agent(headers, agent, peer.agent.as_deref())
+            .await
+            .err()
     }
 
     async fn ack(
         &self,
         req: Request<Incoming>,
         headers: &http::HeaderMap,
+        peer: &Peer,
     ) -> Response<Full<Bytes>> {
         let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
             Ok(b) => b.to_bytes(),
@@ -226,7 +278,7 @@ impl Push {
             Ok(a) => a,
             Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
         };
-        if let Some(refused) = self.check_agent(headers, &ack.agent).await {
+        if let Some(refused) = self.check_agent(headers, &ack.agent, peer).await {
             return refused;
         }
         if let Some(reason) = &ack.rejected {

@@ -263,3 +263,44 @@ fn a_consul_definition_on_the_wrong_port_or_loaded_by_consul_is_caught() {
         "network_policies_applied",
     );
 }
+
+#[test]
+fn a_sidecar_mounting_another_agents_token_or_the_ca_key_is_caught() {
+    let text = in_service(&compose(), "senior-ai-engineer-sidecar", |b| {
+        b.replace(
+            "      - mesh-ca\n",
+            "      - mesh-ca\n      - source: token-testing-qa-validator\n        target: other\n",
+        )
+    });
+    assert_caught(
+        &text,
+        "secrets_least_privilege",
+        "senior-ai-engineer-sidecar: mounts token-testing-qa-validator",
+        "network_policies_applied",
+    );
+    let text = in_service(&compose(), "senior-ai-engineer-sidecar", |b| {
+        b.replace(
+            "      - mesh-ca\n",
+            "      - mesh-ca\n      - mesh-ca-key\n",
+        )
+    });
+    assert_caught(
+        &text,
+        "secrets_least_privilege",
+        "mounts mesh-ca-key",
+        "network_policies_applied",
+    );
+    // Without its own token it cannot prove who it is.
+    let text = in_service(&compose(), "senior-ai-engineer-sidecar", |b| {
+        b.replace(
+            "      - source: token-senior-ai-engineer\n        target: agent-token\n",
+            "",
+        )
+    });
+    assert_caught(
+        &text,
+        "secrets_least_privilege",
+        "no token-senior-ai-engineer",
+        "network_policies_applied",
+    );
+}

@@ -32,6 +32,8 @@ pub enum StartError {
     Trace(#[from] crate::trace::export::ExportError),
     #[error("{0}")]
     Consul(String),
+    #[error("{0}")]
+    ControlChannel(#[from] crate::control_channel::ChannelSetupError),
     #[error("cannot listen on {addr} ({listener}): {source}")]
     Bind {
         listener: &'static str,
@@ -136,6 +138,14 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     let identity = crate::identity::Identity::new(trust_domain);
     // Only a sidecar with `[identity]` answers or dials mutual TLS.
     let tls = boot.identity.is_some().then(|| identity.clone());
+    // The control channel's trust anchor is read now: a bad `ca_file` stops the start.
+    let channel = match &boot.control {
+        Some(c) => Some(Arc::new(crate::control_channel::Channel::new(
+            c,
+            tls.clone(),
+        )?)),
+        None => None,
+    };
     let pools = match &tls {
         Some(id) => Pools::new(&boot.upstream).with_identity(id.clone()),
         None => Pools::new(&boot.upstream),
@@ -220,25 +230,31 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
     if tls.is_some() {
         tokio::spawn(identity.clone().follow_mode(state.clone(), stopped.clone()));
     }
-    if let (Some(control), Some(id)) = (&boot.control, &boot.identity) {
-        let renewer = crate::identity::renew::Renewer::new(
-            control.address.clone(),
-            &boot.agent,
-            id.clone(),
-            identity.clone(),
-        );
-        tokio::spawn(renewer.run(stopped.clone()));
-    }
-    if let Some(control) = &boot.control {
+    let link = boot
+        .control
+        .as_ref()
+        .map(|c| crate::health::ControlLink::new(&c.address));
+    if let (Some(control), Some(channel), Some(link)) = (&boot.control, channel, &link) {
+        if let Some(id) = &boot.identity {
+            let renewer = crate::identity::renew::Renewer::new(
+                channel.clone(),
+                &boot.agent,
+                id.clone(),
+                identity.clone(),
+            );
+            tokio::spawn(renewer.run(stopped.clone()));
+        }
         let client = crate::control_client::ControlClient::new(
             control.clone(),
+            channel,
             &boot.agent,
             boot.phase,
             state.clone(),
         )
-        .with_admin(addrs.admin, boot.inbound.mode == InboundMode::Ollama);
+        .with_admin(addrs.admin, boot.inbound.mode == InboundMode::Ollama)
+        .with_link(link.clone());
         let client = match &boot.identity {
-            Some(id) => client.with_token_file(id.token_file.clone()),
+            Some(id) => client.with_identity(id.token_file.clone(), identity.clone()),
             None => client,
         };
         tokio::spawn(client.run(stopped.clone()));
@@ -260,6 +276,7 @@ pub async fn start(boot: Bootstrap) -> Result<Running, StartError> {
         app,
         state: state.clone(),
         draining: drain.draining(),
+        control: link,
     });
     let admin = Admin { health, prometheus };
     tokio::spawn(admin.serve(admin_l, stopped.clone()));

@@ -110,6 +110,10 @@ pub struct Control {
     /// Upper bound of the jittered backoff while control is unreachable.
     #[serde(with = "humantime_serde", default = "default_control_backoff")]
     pub max_backoff: Duration,
+    /// The mesh CA certificate (PEM): when set the channel is TLS 1.3 and the control
+    /// process's certificate must chain to it and name the host of `address`. Required with
+    /// `[identity]`, whose token and certificates never cross plaintext.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[consul]`: the local Consul agent's HTTP API.
@@ -349,8 +353,17 @@ impl Bootstrap {
                 return fail("control.wait and control.max_backoff: must be greater than zero");
             }
         }
-        if self.identity.is_some() && self.control.is_none() {
-            return fail("identity: needs [control], whose CA signs the certificate");
+        match (&self.identity, &self.control) {
+            (Some(_), None) => {
+                return fail("identity: needs [control], whose CA signs the certificate")
+            }
+            (Some(_), Some(c)) if c.ca_file.is_none() => {
+                return fail(
+                    "identity: the control channel would carry the agent's token in clear; \
+                     set control.ca_file to the mesh CA certificate so it is TLS",
+                )
+            }
+            _ => {}
         }
         if let Some(t) = &self.trace {
             if !(t.endpoint.starts_with("http://") || t.endpoint.starts_with("https://"))
@@ -618,6 +631,21 @@ mod tests {
             let err = Bootstrap::from_toml(Path::new("s.toml"), &at(bad)).unwrap_err();
             assert!(err.to_string().contains("control.address"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn identity_needs_a_tls_control_channel() {
+        let with = |control: &str| {
+            format!("{HEAD}[control]\naddress = \"mesh-control:15010\"\n{control}[identity]\ntoken_file = \"/run/secrets/t\"\n")
+        };
+        let err = Bootstrap::from_toml(Path::new("s.toml"), &with("")).unwrap_err();
+        assert!(err.to_string().contains("control.ca_file"), "{err}");
+        let boot = Bootstrap::from_toml(Path::new("s.toml"), &with("ca_file = \"/ca.pem\"\n"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            boot.control.unwrap().ca_file,
+            Some(PathBuf::from("/ca.pem"))
+        );
     }
 
     #[test]

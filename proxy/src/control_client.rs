@@ -2,14 +2,18 @@
 //! snapshot, applies it through [`State::apply`], reports applied or rejected, and persists the
 //! last good snapshot so a restart while control is unreachable starts from it. When control is
 //! unreachable the snapshot in force stays and the client retries with jittered backoff.
+//!
+//! With mesh identity the exchanges go over TLS ([`crate::control_channel`]); the sidecar is
+//! known by its certificate once it has one, and by its bootstrap token before that. The
+//! token is never sent over a plaintext channel.
 
 use crate::bootstrap::Control;
+use crate::control_channel::{Channel, ExchangeError};
+use crate::identity::Identity;
 use crate::state::State;
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
 use mesh_config::backoff::Backoff;
 use mesh_config::{Phase, Snapshot};
 use std::path::Path;
@@ -23,18 +27,14 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Why one exchange with the control process failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("control {addr}: {source}")]
-    Transport {
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    #[error("control {addr}: status {status}: {body}")]
+    Status {
         addr: String,
-        #[source]
-        source: hyper_util::client::legacy::Error,
+        status: StatusCode,
+        body: String,
     },
-    #[error("control {addr}: no answer within {after:?}")]
-    Timeout { addr: String, after: Duration },
-    #[error("control {addr}: reading the body failed: {reason}")]
-    Body { addr: String, reason: String },
-    #[error("control {addr}: status {status}")]
-    Status { addr: String, status: StatusCode },
 }
 
 pub struct ControlClient {
@@ -42,16 +42,18 @@ pub struct ControlClient {
     agent: String,
     phase: Phase,
     state: Arc<State>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    channel: Arc<Channel>,
     /// The highest version received, applied or rejected: the next poll waits for a newer one
     /// instead of fetching a rejected version again.
     seen: u64,
     /// `&admin=..&mode=..` for each poll: where control (and the compliance check) finds this
     /// sidecar's `/health` and `/metrics`, and whether it is the Ollama gateway.
     report: String,
-    /// The agent's bootstrap token: with mesh identity on, the control process serves an
-    /// agent's snapshot only to the holder of its token.
-    token_file: Option<std::path::PathBuf>,
+    /// The agent's bootstrap token and certificate: with mesh identity on, the control
+    /// process serves an agent's snapshot only to the holder of its certificate or token.
+    proof: Option<(std::path::PathBuf, Arc<Identity>)>,
+    /// What `/health` reports of the channel.
+    link: Option<Arc<crate::health::ControlLink>>,
 }
 
 /// Reads a persisted snapshot; a missing or unreadable file is `None` (and logged).
@@ -89,29 +91,42 @@ async fn persist(path: &Path, body: &[u8]) -> std::io::Result<()> {
 // === impl ControlClient ===
 
 impl ControlClient {
-    pub fn new(cfg: Control, agent: &str, phase: Phase, state: Arc<State>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(2)
-            .build(connector);
+    pub fn new(
+        cfg: Control,
+        channel: Arc<Channel>,
+        agent: &str,
+        phase: Phase,
+        state: Arc<State>,
+    ) -> Self {
         let seen = state.load().version();
         Self {
             cfg,
             agent: agent.to_owned(),
             phase,
             state,
-            http,
+            channel,
             seen,
             report: String::new(),
-            token_file: None,
+            proof: None,
+            link: None,
         }
     }
 
-    /// Proves the agent with its bootstrap token (read at every call) on every exchange.
-    pub fn with_token_file(mut self, path: std::path::PathBuf) -> Self {
-        self.token_file = Some(path);
+    /// Reports each exchange's outcome to `/health`.
+    pub fn with_link(mut self, link: Arc<crate::health::ControlLink>) -> Self {
+        self.link = Some(link);
+        self
+    }
+
+    /// Proves the agent with its certificate in force (presented in the TLS handshake) or,
+    /// while it has none, its bootstrap token (read at every call). Over a plaintext
+    /// channel the token is never sent.
+    pub fn with_identity(
+        mut self,
+        token_file: std::path::PathBuf,
+        identity: Arc<Identity>,
+    ) -> Self {
+        self.proof = Some((token_file, identity));
         self
     }
 
@@ -129,6 +144,9 @@ impl ControlClient {
             let delay = tokio::select! {
                 res = self.poll_once() => match res {
                     Ok(()) => {
+                        if let Some(link) = &self.link {
+                            link.reachable();
+                        }
                         if failing {
                             tracing::info!(control = %self.cfg.address, "control reachable again");
                         }
@@ -137,6 +155,9 @@ impl ControlClient {
                         None
                     }
                     Err(e) => {
+                        if let Some(link) = &self.link {
+                            link.failed(e.to_string());
+                        }
                         if !failing {
                             tracing::warn!(error = %e, version = self.state.load().version(),
                                 "control unreachable; keeping the snapshot in force");
@@ -176,6 +197,7 @@ impl ControlClient {
             status => Err(ControlError::Status {
                 addr: self.cfg.address.clone(),
                 status,
+                body: String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned(),
             }),
         }
     }
@@ -238,53 +260,25 @@ impl ControlClient {
         body: Bytes,
         limit: Duration,
     ) -> Result<(StatusCode, Bytes), ControlError> {
-        let addr = self.cfg.address.clone();
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(addr.as_str())
-            .path_and_query(pq)
-            .build()
-            .expect("a checked host:port and an ASCII path make a URI");
         let mut req = Request::builder()
             .method(method)
-            .uri(uri)
+            .uri(pq)
+            .header(http::header::HOST, self.cfg.address.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("a request from valid parts");
-        if let Some(path) = &self.token_file {
+        if let Some((path, identity)) = &self.proof {
+            let has_cert = identity.current().is_some_and(|c| !c.time_left().is_zero());
             // Unreadable: the call goes without, and control's refusal says why.
-            if let Ok(token) = tokio::fs::read_to_string(path).await {
-                if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {}", token.trim())) {
-                    req.headers_mut().insert(http::header::AUTHORIZATION, v);
+            if !has_cert && self.channel.is_tls() {
+                if let Ok(token) = tokio::fs::read_to_string(path).await {
+                    if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                    {
+                        req.headers_mut().insert(http::header::AUTHORIZATION, v);
+                    }
                 }
             }
         }
-        let exchange = async {
-            let rsp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|source| ControlError::Transport {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            let status = rsp.status();
-            let body = Limited::new(rsp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| ControlError::Body {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?
-                .to_bytes();
-            Ok((status, body))
-        };
-        match tokio::time::timeout(limit, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(ControlError::Timeout {
-                addr: self.cfg.address.clone(),
-                after: limit,
-            }),
-        }
+        Ok(self.channel.exchange(req, MAX_BODY, limit).await?)
     }
 }

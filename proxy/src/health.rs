@@ -57,6 +57,47 @@ impl AppProbe {
     }
 }
 
+/// The control channel as the control client last found it: `/health` says why a sidecar
+/// gets no snapshot (an untrusted control certificate, a refused token) without a log search.
+#[derive(Debug)]
+pub struct ControlLink {
+    pub address: String,
+    /// `None`: not tried yet or reachable (see `reached`); else the last failure.
+    error: arc_swap::ArcSwapOption<String>,
+    reached: std::sync::atomic::AtomicBool,
+}
+
+impl ControlLink {
+    pub fn new(address: &str) -> Arc<Self> {
+        Arc::new(Self {
+            address: address.to_owned(),
+            error: arc_swap::ArcSwapOption::empty(),
+            reached: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn reachable(&self) {
+        self.reached.store(true, Ordering::Relaxed);
+        if self.error.load().is_some() {
+            self.error.store(None);
+        }
+    }
+
+    pub fn failed(&self, error: String) {
+        self.error.store(Some(Arc::new(error)));
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        match self.error.load_full() {
+            Some(e) => json!({ "address": self.address, "status": "unreachable", "error": *e }),
+            None if self.reached.load(Ordering::Relaxed) => {
+                json!({ "address": self.address, "status": "reachable" })
+            }
+            None => json!({ "address": self.address, "status": "unknown" }),
+        }
+    }
+}
+
 /// Everything the admin endpoints read.
 #[derive(Debug)]
 pub struct Health {
@@ -67,6 +108,8 @@ pub struct Health {
     pub app: Option<(SocketAddr, Arc<AppProbe>)>,
     pub state: Arc<State>,
     pub draining: watch::Receiver<bool>,
+    /// With `[control]`: whether the control process answers, and why not.
+    pub control: Option<Arc<ControlLink>>,
 }
 
 impl Health {
@@ -112,6 +155,7 @@ impl Health {
                 "admin": self.addrs.admin.to_string(),
             },
             "upstreams": upstreams,
+            "control": self.control.as_ref().map(|c| c.describe()),
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod app;
 pub mod body;
 pub mod bootstrap;
 pub mod consul_register;
+pub mod control_channel;
 pub mod control_client;
 pub mod drain;
 pub mod errors;

@@ -30,6 +30,7 @@ pub struct Builder {
     max_catalog_drop_percent: u8,
     confirm_token: Option<String>,
     identity: Option<(Vec<(String, String)>, Duration)>,
+    byo_ca: Option<(String, String)>,
 }
 
 pub struct TestControl {
@@ -37,6 +38,8 @@ pub struct TestControl {
     cfg: Config,
     addr: SocketAddr,
     dir: TempDir,
+    /// Where the CA's `ca.pem` and `ca-key.pem` are.
+    ca_dir: PathBuf,
 }
 
 pub fn builder() -> Builder {
@@ -47,6 +50,7 @@ pub fn builder() -> Builder {
         max_catalog_drop_percent: mesh_control::guard::DEFAULT_MAX_DROP_PERCENT,
         confirm_token: None,
         identity: None,
+        byo_ca: None,
     }
 }
 
@@ -107,6 +111,13 @@ impl Builder {
         self
     }
 
+    /// With `identity`: the operator's own CA (certificate and key, PEM) instead of one made
+    /// in the state directory.
+    pub fn byo_ca(mut self, cert_pem: &str, key_pem: &str) -> Self {
+        self.byo_ca = Some((cert_pem.to_owned(), key_pem.to_owned()));
+        self
+    }
+
     /// Adds or replaces a policy file (by name) in the copied policy directory.
     pub fn policy_file(mut self, name: &str, text: &str) -> Self {
         self.policy.push((name.to_owned(), text.to_owned()));
@@ -144,6 +155,23 @@ impl Builder {
                 Source::File(path)
             }
         };
+        let ca_dir = match &self.byo_ca {
+            Some((cert, key)) => {
+                let byo = dir.path().join("byo");
+                std::fs::create_dir(&byo).expect("byo dir");
+                std::fs::write(byo.join("ca.pem"), cert).expect("write the CA certificate");
+                std::fs::write(byo.join("ca-key.pem"), key).expect("write the CA key");
+                byo
+            }
+            None => dir.path().join("state"),
+        };
+        let ca = match self.byo_ca {
+            Some(_) => mesh_control::identity::ca::CaSource::Files {
+                cert: ca_dir.join("ca.pem"),
+                key: ca_dir.join("ca-key.pem"),
+            },
+            None => mesh_control::identity::ca::CaSource::StateDir(ca_dir.clone()),
+        };
         let identity = self.identity.map(|(tokens, lifetime)| {
             let path = dir.path().join("agent-tokens.toml");
             let text: String = tokens
@@ -152,10 +180,14 @@ impl Builder {
                 .collect();
             std::fs::write(&path, text).expect("write the tokens file");
             mesh_control::IdentityConfig {
-                ca: mesh_control::identity::ca::CaSource::StateDir(dir.path().join("state")),
+                ca,
                 trust_domain: "mesh".into(),
                 lifetime,
                 tokens: path,
+                server_names: mesh_control::identity::channel::ServerNames {
+                    dns: vec!["localhost".into()],
+                    ips: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+                },
             }
         });
         let cfg = Config {
@@ -181,6 +213,7 @@ impl Builder {
             },
             addr,
             dir,
+            ca_dir,
         }
     }
 }
@@ -199,6 +232,7 @@ impl TestControl {
     }
 
     /// A `[control]` bootstrap section for a sidecar; `persist` keeps its last snapshot.
+    /// With identity on, the channel is TLS and the section names the mesh CA as `ca_file`.
     pub fn sidecar_toml(&self, persist: Option<&Path>) -> String {
         let mut out = format!(
             "\n[control]\naddress = \"{}\"\nwait = \"5s\"\nmax_backoff = \"100ms\"\n",
@@ -207,17 +241,28 @@ impl TestControl {
         if let Some(p) = persist {
             out.push_str(&format!("persist = {:?}\n", p.display().to_string()));
         }
+        if self.cfg.identity.is_some() {
+            out.push_str(&format!(
+                "ca_file = {:?}\n",
+                self.ca_path().display().to_string()
+            ));
+        }
         out
+    }
+
+    /// The mesh CA certificate's file: the control channel's trust anchor.
+    pub fn ca_path(&self) -> PathBuf {
+        self.ca_dir.join("ca.pem")
     }
 
     /// The mesh CA's certificate (PEM), once `identity` made one.
     pub fn ca_pem(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("state/ca.pem")).expect("the CA certificate")
+        std::fs::read_to_string(self.ca_path()).expect("the CA certificate")
     }
 
     /// The mesh CA's key (PEM), for tests that sign certificates of their own with it.
     pub fn ca_key_pem(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("state/ca-key.pem")).expect("the CA key")
+        std::fs::read_to_string(self.ca_dir.join("ca-key.pem")).expect("the CA key")
     }
 
     /// The bootstrap tokens file, for edits (read at every certificate request).

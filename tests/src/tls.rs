@@ -91,6 +91,54 @@ pub async fn post(
     exchange(addr, cert, http::Method::POST, path, headers, body).await
 }
 
+/// A request to the control process over TLS, verifying its certificate against `ca_pem` for
+/// the name `127.0.0.1`, presenting `cert` if given: the status and body, or the error that
+/// ended the exchange.
+pub async fn control(
+    addr: SocketAddr,
+    ca_pem: &str,
+    cert: Option<&ClientCert>,
+    req: Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<(u16, bytes::Bytes), BoxError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    send_tls(addr, "127.0.0.1", builder, cert, req).await
+}
+
+/// Completes a TLS handshake with the control process, verifying it against `ca_pem` for the
+/// name `127.0.0.1`; answers the leaf certificate it served (DER).
+pub async fn control_leaf(addr: SocketAddr, ca_pem: &str) -> Result<Vec<u8>, BoxError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(ca?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = crate::bounded(
+        "a TLS handshake",
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("127.0.0.1")?.to_owned(), tcp),
+    )
+    .await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no server certificate")?;
+    Ok(leaf.as_ref().to_vec())
+}
+
 async fn exchange(
     addr: SocketAddr,
     cert: Option<&ClientCert>,
@@ -104,6 +152,25 @@ async fn exchange(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyServer));
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://b{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(http_body_util::Full::new(bytes::Bytes::from_static(
+        body.as_bytes(),
+    )))?;
+    send_tls(addr, "b", builder, cert, req).await
+}
+
+async fn send_tls(
+    addr: SocketAddr,
+    server_name: &str,
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    cert: Option<&ClientCert>,
+    req: Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<(u16, bytes::Bytes), BoxError> {
     let mut config = match cert {
         Some(c) => {
             let chain = CertificateDer::pem_slice_iter(c.chain_pem.as_bytes())
@@ -116,25 +183,11 @@ async fn exchange(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("b")?.to_owned(), tcp)
+        .connect(ServerName::try_from(server_name)?.to_owned(), tcp)
         .await?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(format!("http://b{path}"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let rsp = crate::bounded(
-        "a TLS exchange",
-        send.send_request(
-            req.body(http_body_util::Full::new(bytes::Bytes::from_static(
-                body.as_bytes(),
-            )))?,
-        ),
-    )
-    .await?;
+    let rsp = crate::bounded("a TLS exchange", send.send_request(req)).await?;
     let status = rsp.status().as_u16();
     let body = rsp.into_body().collect().await?.to_bytes();
     Ok((status, body))

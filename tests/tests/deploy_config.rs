@@ -73,6 +73,18 @@ fn every_sidecar_bootstrap_and_the_seed_snapshot_load() {
             control.address, "mesh-control:15010",
             "by name, not address"
         );
+        // Identity: the token from its compose secret, the control channel over TLS.
+        let identity = boot.identity.expect("[identity]");
+        assert_eq!(
+            identity.token_file,
+            Path::new("/run/secrets/agent-token"),
+            "{stem}"
+        );
+        assert_eq!(
+            control.ca_file.as_deref(),
+            Some(Path::new("/run/secrets/mesh-ca")),
+            "{stem}"
+        );
         assert_eq!(boot.consul.expect("[consul]").address, "consul:8500");
         if boot.inbound.mode == InboundMode::Ollama {
             gateways += 1;
@@ -84,6 +96,64 @@ fn every_sidecar_bootstrap_and_the_seed_snapshot_load() {
     let snap =
         mesh_config::load::snapshot_file(&root().join("deploy/generated/snapshot.toml")).unwrap();
     assert_eq!(snap.services.len(), 70);
+    assert_eq!(
+        snap.identity,
+        policy().identity,
+        "the policy's mutual-TLS mode"
+    );
+    assert_eq!(
+        snap.identity.mode,
+        mesh_config::identity::MtlsMode::Permissive
+    );
+}
+
+/// What `mesh-control secrets` makes is what the compose file names: every secret file
+/// exists after one run, each agent's token admits that agent in the tokens file.
+#[test]
+fn mesh_control_secrets_makes_every_file_the_compose_file_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(mesh_tests::control::binary_path())
+        .current_dir(root())
+        .args(["secrets", "--root"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let compose = std::fs::read_to_string(root().join("docker-compose.yml")).unwrap();
+    let files: Vec<&str> = compose
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("file: ./deploy/secrets/"))
+        .collect();
+    assert_eq!(
+        files.len(),
+        4 + 69 + 1,
+        "CA pair, tokens, operator, 70 agent tokens"
+    );
+    for rel in &files {
+        let path = dir.path().join("deploy/secrets").join(rel);
+        assert!(path.is_file(), "{} missing", path.display());
+    }
+    let tokens =
+        std::fs::read_to_string(dir.path().join("deploy/secrets/agent-tokens.toml")).unwrap();
+    let tokens = mesh_control::identity::tokens::Tokens::parse(&tokens).unwrap();
+    for agent in registry()
+        .agents
+        .iter()
+        .map(|a| a.name.as_str())
+        .chain(["ollama"])
+    {
+        let own = std::fs::read_to_string(
+            dir.path()
+                .join(format!("deploy/secrets/agents/{agent}.token")),
+        )
+        .unwrap();
+        assert!(tokens.admits(agent, own.trim()), "{agent}");
+        assert!(!tokens.admits("senior-ai-engineer", own.trim()) || agent == "senior-ai-engineer");
+    }
 }
 
 #[test]
@@ -157,6 +227,11 @@ fn docker_compose_accepts_the_file_with_69_agents_and_their_budget_limits() {
             .get(format!("{}-sidecar", agent.name).as_str())
             .unwrap_or_else(|| panic!("{}-sidecar missing", agent.name));
         assert!(side.contains(&format!("network_mode: service:{}", agent.name)));
+        // Its own token and the CA, no other agent's token.
+        let own = format!("source: token-{}\ntarget: agent-token\n", agent.name);
+        assert!(side.contains(&own), "{}: {side}", agent.name);
+        assert!(side.contains("source: mesh-ca\n"), "{}", agent.name);
+        assert_eq!(side.matches("source: token-").count(), 1, "{}", agent.name);
         let phase = &report.phases[&agent.phase];
         let (budget, sidecar) = (phase.agent, phase.sidecar);
         let (ac, am) = limits(body);

@@ -50,6 +50,14 @@ impl Site {
         let policy = mesh_config::policy::load_dir(&root.join("config/mesh")).unwrap();
         let files = mesh_control::render::render(&policy, &registry()).unwrap();
         mesh_control::render::write(&root, &files).unwrap();
+        // The compose secrets, made by the real `mesh-control secrets` into the copy.
+        let secrets = Command::new(mesh_tests::control::binary_path())
+            .current_dir(repo())
+            .args(["secrets", "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        assert!(secrets.status.success(), "{secrets:?}");
         std::fs::write(root.join("deploy/env/test.env"), "HOST_BIND=127.0.0.1\n").unwrap();
         std::fs::create_dir_all(dir.path().join("bin")).unwrap();
         std::fs::copy(
@@ -108,6 +116,16 @@ fn started(calls: &[String]) -> Vec<Vec<String>> {
 
 fn registry() -> mesh_config::Registry {
     mesh_config::registry::load_file(&repo().join("config/mesh/agents.toml")).unwrap()
+}
+
+#[test]
+fn without_the_secrets_nothing_starts_and_the_reason_is_given() {
+    let site = Site::new();
+    std::fs::remove_dir_all(site.root().join("deploy/secrets")).unwrap();
+    let (out, calls) = site.deploy("all", "");
+    assert!(!out.status.success());
+    assert!(log(&out).contains("mesh-control secrets"), "{}", log(&out));
+    assert!(started(&calls).is_empty(), "{calls:?}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
     SerialNumber,
 };
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -119,6 +120,11 @@ impl Ca {
         &self.ca_pem
     }
 
+    /// How long the certificates this CA issues are valid.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
+    }
+
     pub fn spiffe_id(&self, agent: &str) -> String {
         format!("spiffe://{}/agent/{agent}", self.trust_domain)
     }
@@ -156,6 +162,54 @@ impl Ca {
             ca_pem: self.ca_pem.clone(),
             spiffe_id,
             not_before,
+            not_after,
+        })
+    }
+}
+
+/// The control process's own serving certificate, with its key (PKCS#8 DER).
+pub struct ServerIssued {
+    /// The leaf, then the CA certificate, so a sidecar trusting a root above a
+    /// bring-your-own intermediate still builds the chain.
+    pub chain_pem: String,
+    pub key_pkcs8: Vec<u8>,
+    pub not_after: SystemTime,
+}
+
+// === impl Ca (the control channel's certificate) ===
+
+impl Ca {
+    /// Issues the control channel's server certificate for the names and addresses sidecars
+    /// dial, valid for the configured lifetime, on a key made here.
+    pub fn issue_server(&self, dns: &[String], ips: &[IpAddr]) -> Result<ServerIssued, SignError> {
+        let key = KeyPair::generate().map_err(SignError::Sign)?;
+        let now = SystemTime::now();
+        let not_after = now + self.lifetime;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("{} mesh control", self.trust_domain),
+        );
+        params.subject_alt_names = dns
+            .iter()
+            .map(|d| d.clone().try_into().map(SanType::DnsName))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, _>>()
+            .map_err(SignError::Sign)?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = not_after.into();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(SignError::Sign)?;
+        Ok(ServerIssued {
+            chain_pem: format!("{}{}", cert.pem(), self.ca_pem),
+            key_pkcs8: key.serialize_der(),
             not_after,
         })
     }
@@ -305,6 +359,36 @@ mod tests {
         let eku = leaf.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
         assert!(ca.sign("agent-a", "not a csr").is_err());
+    }
+
+    #[test]
+    fn the_control_channel_certificate_names_what_sidecars_dial_and_serves_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load(
+            &CaSource::StateDir(dir.path().into()),
+            "mesh",
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let issued = ca
+            .issue_server(&["mesh-control".into()], &["127.0.0.1".parse().unwrap()])
+            .unwrap();
+        // The leaf, then the CA: a sidecar trusting a root above an intermediate builds the chain.
+        assert!(issued.chain_pem.ends_with(ca.ca_pem()));
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.chain_pem.as_bytes()).unwrap();
+        let leaf = pem.parse_x509().unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        assert_eq!(
+            san.value.general_names,
+            vec![
+                x509_parser::extensions::GeneralName::DNSName("mesh-control"),
+                x509_parser::extensions::GeneralName::IPAddress(&[127, 0, 0, 1]),
+            ]
+        );
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        assert!(!leaf.is_ca());
+        assert!(ca.issue_server(&["mesh-contröl".into()], &[]).is_err());
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! agent's token cannot get another agent's certificate. Refusals are logged and counted in
 //! `mesh_control_identity_refused_total{reason}`; issues in `mesh_control_identity_issued_total`.
 //!
-//! With identity on, the long-poll and the ack need the same token: a sidecar gets only its
-//! own agent's snapshot and reports only for itself.
+//! With identity on, the control channel is TLS ([`channel`]) and the long-poll and the ack
+//! need the agent's certificate (presented in the handshake) or, before it has one, its
+//! token: a sidecar gets only its own agent's snapshot and reports only for itself. A
+//! connection with a certificate speaks for that agent only, whatever token it sends.
 
 pub mod ca;
+pub mod channel;
 pub mod tokens;
 
 use crate::push::{error, json};
@@ -26,7 +29,13 @@ use tokens::Tokens;
 const MAX_BODY: usize = 16 * 1024;
 
 /// Refusal reasons, the bounded label set of `mesh_control_identity_refused_total`.
-pub const REFUSAL_REASONS: [&str; 4] = ["no_token", "wrong_token", "bad_request", "bad_csr"];
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "no_token",
+    "wrong_token",
+    "wrong_certificate",
+    "bad_request",
+    "bad_csr",
+];
 
 /// The CA and who may ask it.
 #[derive(Debug)]
@@ -45,7 +54,13 @@ struct CsrRequest {
 // === impl Identity ===
 
 impl Identity {
-    pub async fn certificate(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    /// Signs a CSR for the agent the request's token names. `peer` is the agent the
+    /// connection's certificate names, if it presented one.
+    pub async fn certificate(
+        &self,
+        req: Request<Incoming>,
+        peer: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         let offered = bearer(req.headers()).map(str::to_owned);
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
@@ -55,6 +70,9 @@ impl Identity {
             Ok(a) => a,
             Err(_) => return refuse("bad_request", None, StatusCode::BAD_REQUEST),
         };
+        if peer.is_some_and(|p| p != ask.agent) {
+            return refuse("wrong_certificate", Some(&ask.agent), StatusCode::FORBIDDEN);
+        }
         let Some(offered) = offered else {
             return refuse("no_token", Some(&ask.agent), StatusCode::UNAUTHORIZED);
         };
@@ -102,12 +120,25 @@ impl Identity {
 // === impl Identity (the control channel) ===
 
 impl Identity {
-    /// Admits a control-channel call for `agent` when it carries that agent's token.
+    /// Admits a control-channel call for `agent` when its connection's certificate names
+    /// that agent (`peer`) or, without a certificate, when it carries that agent's token.
     pub async fn check_agent(
         &self,
         headers: &http::HeaderMap,
         agent: &str,
+        peer: Option<&str>,
     ) -> Result<(), Response<Full<Bytes>>> {
+        match peer {
+            Some(p) if p == agent => return Ok(()),
+            Some(_) => {
+                return Err(refuse(
+                    "wrong_certificate",
+                    Some(agent),
+                    StatusCode::FORBIDDEN,
+                ))
+            }
+            None => {}
+        }
         let Some(offered) = bearer(headers) else {
             return Err(refuse("no_token", Some(agent), StatusCode::UNAUTHORIZED));
         };
@@ -136,12 +167,13 @@ fn refuse(reason: &'static str, agent: Option<&str>, status: StatusCode) -> Resp
     tracing::warn!(
         reason,
         agent = agent.unwrap_or(""),
-        "certificate request refused"
+        "control channel call refused"
     );
     ::metrics::counter!(crate::metrics::IDENTITY_REFUSED, "reason" => reason).increment(1);
     let text = match reason {
         "no_token" => "a bearer token is required",
         "wrong_token" => "this token does not name this agent",
+        "wrong_certificate" => "this connection's certificate names another agent",
         _ => "expected {\"agent\": NAME, \"csr\": PEM}",
     };
     error(status, text)

@@ -97,11 +97,12 @@ pub fn render(
             agent_pair(&mut s, agent, &pairs[&agent.name]);
         }
     }
-    s.push_str("\nvolumes:\n  ollama-models:\n  ollama-gateway-state:\n  prometheus-data:\n  grafana-data:\n  tempo-data:\n");
+    s.push_str("\nvolumes:\n  ollama-models:\n  ollama-gateway-state:\n  mesh-control-state:\n  prometheus-data:\n  grafana-data:\n  tempo-data:\n");
     s.push_str("  # Each sidecar's last snapshot from mesh-control, kept across restarts.\n");
     for agent in &registry.agents {
         let _ = writeln!(s, "  {}-state:", agent.name);
     }
+    s.push_str(&super::secrets::top_level(registry));
     s
 }
 
@@ -130,6 +131,7 @@ fn agent_pair(s: &mut String, agent: &Agent, p: &PairLimits) {
     let agent_limits = p.agent.compose();
     let healthcheck = app_healthcheck(agent.protocol);
     let sidecar_limits = p.sidecar.compose();
+    let secrets = super::secrets::sidecar_mounts(name);
     let _ = write!(
         s,
         r#"
@@ -168,7 +170,7 @@ fn agent_pair(s: &mut String, agent: &Agent, p: &PairLimits) {
       - ./deploy/generated/consul/{name}.json:/etc/mesh/consul-service.json:ro
       - ./deploy/generated/snapshot.toml:/etc/mesh/snapshot.toml:ro
       - {name}-state:/var/lib/mesh
-    deploy:
+{secrets}    deploy:
       resources:
         limits: {sidecar_limits}
 "#
@@ -320,22 +322,31 @@ const INFRA: &str = r#"
       - ./deploy/generated/consul/ollama.json:/etc/mesh/consul-service.json:ro
       - ./deploy/generated/snapshot.toml:/etc/mesh/snapshot.toml:ro
       - ollama-gateway-state:/var/lib/mesh
+    secrets:
+      - mesh-ca
+      - source: token-ollama
+        target: agent-token
     deploy:
       resources:
         limits: @GATEWAY_LIMITS@
 
   # The control process: routes from Consul, policy from config/mesh, budgets and Ollama
-  # rates, pushed to every sidecar by long-poll. Same image, other entrypoint.
+  # rates, pushed to every sidecar by long-poll. Same image, other entrypoint. It is the mesh
+  # CA (the CA, the agents' tokens and the operator token are compose secrets) and serves its
+  # channel over TLS as mesh-control.
   mesh-control:
     <<: *hardened
     image: ${MESH_PROXY_IMAGE:-mesh-proxy:local}
     profiles: [infrastructure, all]
     entrypoint: ["/usr/local/bin/mesh-control"]
     command: ["run", "--listen", "0.0.0.0:15010", "--policy", "/etc/mesh/policy",
-              "--consul", "consul:8500"]
-    environment:
-      # Enables POST /v1/catalog/confirm (a catalog held back for dropping too much); unset: off.
-      MESH_CONTROL_TOKEN: ${MESH_CONTROL_TOKEN:-}
+              "--consul", "consul:8500",
+              "--agent-tokens", "/run/secrets/agent-tokens",
+              "--ca-cert", "/run/secrets/mesh-ca", "--ca-key", "/run/secrets/mesh-ca-key",
+              "--tls-name", "mesh-control", "--tls-name", "localhost",
+              "--operator-token-file", "/run/secrets/operator-token",
+              "--catalog-state", "/var/lib/mesh-control/catalog.json"]
+    secrets: [mesh-ca, mesh-ca-key, agent-tokens, operator-token]
     restart: always
     labels:
       mesh.phase: infrastructure
@@ -344,8 +355,10 @@ const INFRA: &str = r#"
         condition: service_healthy
     volumes:
       - ./config/mesh:/etc/mesh/policy:ro
+      # The catalog last published: a restart judges its first Consul read against it.
+      - mesh-control-state:/var/lib/mesh-control
     healthcheck:
-      test: ["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "http://127.0.0.1:15010/health"]
+      test: ["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "--cacert", "/run/secrets/mesh-ca", "https://localhost:15010/health"]
       interval: 10s
       timeout: 3s
       retries: 3
@@ -416,6 +429,8 @@ const INFRA: &str = r#"
       - ./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro
       - ./deploy/generated/prometheus/sidecars.json:/etc/prometheus/targets/sidecars.json:ro
       - prometheus-data:/prometheus
+    # mesh-control's /metrics is on its TLS channel.
+    secrets: [mesh-ca]
     ports:
       - "${HOST_BIND:-127.0.0.1}:@PROMETHEUS_PORT@:9090"
     healthcheck:

@@ -8,6 +8,7 @@ mod compose;
 pub mod consul;
 mod limits;
 mod rollout;
+pub mod secrets;
 mod sidecar;
 
 pub use compose::restart as restart_policy;
@@ -39,10 +40,13 @@ pub fn render(policy: &Policy, registry: &Registry) -> Result<Files, String> {
     for agent in &registry.agents {
         files.insert(
             out.join("sidecars").join(format!("{}.toml", agent.name)),
-            sidecar::render(agent, &pairs[&agent.name]),
+            sidecar::render(agent, &pairs[&agent.name]) + &secrets::sidecar_identity(),
         );
     }
-    files.insert(out.join("sidecars").join("ollama.toml"), sidecar::gateway());
+    files.insert(
+        out.join("sidecars").join("ollama.toml"),
+        sidecar::gateway() + &secrets::sidecar_identity(),
+    );
     for agent in &registry.agents {
         files.insert(
             out.join("consul").join(format!("{}.json", agent.name)),
@@ -53,7 +57,15 @@ pub fn render(policy: &Policy, registry: &Registry) -> Result<Files, String> {
         out.join("consul").join("ollama.json"),
         consul::to_text(&consul::gateway()),
     );
-    files.insert(out.join("snapshot.toml"), sidecar::seed_snapshot(registry));
+    // The policy's mutual-TLS mode from the first snapshot on, as mesh-control will push it.
+    let seed = format!(
+        "{}
+[identity]
+mode = \"{}\"\n",
+        sidecar::seed_snapshot(registry),
+        policy.identity.mode.as_str()
+    );
+    files.insert(out.join("snapshot.toml"), seed);
     files.insert(
         out.join("prometheus").join("sidecars.json"),
         sidecar::prometheus_targets(registry),

@@ -1,6 +1,7 @@
 //! Sidecar bootstraps and Prometheus targets for the agents of the registry.
 
 use super::consul::MOUNT as CONSUL_MOUNT;
+use super::secrets::CA_IN_CONTAINER;
 use super::PairLimits;
 use mesh_config::registry::Agent;
 use mesh_config::Registry;
@@ -50,10 +51,11 @@ queue_timeout = "1s"
 file = "/etc/mesh/snapshot.toml"
 poll_interval = "1s"
 
-# mesh-control serves routes, budgets and Ollama rates.
+# mesh-control serves routes, budgets and Ollama rates, over TLS trusting the mesh CA.
 [control]
 address = "{CONTROL_ADDRESS}"
 persist = "/var/lib/mesh/snapshot.json"
+ca_file = "{CA_IN_CONTAINER}"
 
 # Registers the agent's rendered Consul definition (port, phase, capabilities, /health check;
 # deploy/generated/consul/{name}.json) at the address it reaches Consul from, and
@@ -114,6 +116,7 @@ poll_interval = "1s"
 [control]
 address = "{CONTROL_ADDRESS}"
 persist = "/var/lib/mesh/snapshot.json"
+ca_file = "{CA_IN_CONTAINER}"
 
 # Registers deploy/generated/consul/ollama.json and deregisters it before draining.
 [consul]

@@ -9,11 +9,10 @@
 use super::credentials::{spiffe_id, Credentials};
 use super::Identity;
 use crate::bootstrap::IdentityBootstrap;
+use crate::control_channel::Channel;
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
 use mesh_config::backoff::Backoff;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,8 +32,12 @@ pub enum RenewError {
     },
     #[error("cannot make a key or CSR: {0}")]
     Csr(#[from] rcgen::Error),
+    #[error("the control channel is not TLS: the token is not sent in clear")]
+    Plaintext,
     #[error("control {addr}: {reason}")]
     Transport { addr: String, reason: String },
+    #[error(transparent)]
+    Exchange(#[from] crate::control_channel::ExchangeError),
     #[error("control {addr} refused the CSR: {status} {body}")]
     Refused {
         addr: String,
@@ -56,11 +59,10 @@ struct Answer {
 }
 
 pub struct Renewer {
-    control: String,
+    channel: Arc<Channel>,
     agent: String,
     cfg: IdentityBootstrap,
     identity: Arc<Identity>,
-    http: Client<HttpConnector, Full<Bytes>>,
 }
 
 /// When to start renewing a certificate received at `received` that expires at `not_after`:
@@ -73,23 +75,16 @@ pub fn renew_after(received: SystemTime, not_after: SystemTime) -> Duration {
 
 impl Renewer {
     pub fn new(
-        control: String,
+        channel: Arc<Channel>,
         agent: &str,
         cfg: IdentityBootstrap,
         identity: Arc<Identity>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(1)
-            .build(connector);
         Self {
-            control,
+            channel,
             agent: agent.to_owned(),
             cfg,
             identity,
-            http,
         }
     }
 
@@ -156,16 +151,14 @@ impl Renewer {
     }
 
     async fn exchange(&self, token: &str, body: String) -> Result<Answer, RenewError> {
-        let addr = &self.control;
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(addr.to_string())
-            .path_and_query("/v1/certificate")
-            .build()
-            .expect("a checked host:port and a fixed path make a URI");
+        if !self.channel.is_tls() {
+            return Err(RenewError::Plaintext);
+        }
+        let addr = self.channel.address().to_owned();
         let req = Request::builder()
             .method(Method::POST)
-            .uri(uri)
+            .uri("/v1/certificate")
+            .header(http::header::HOST, addr.as_str())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
             .body(Full::new(Bytes::from(body)))
@@ -173,44 +166,21 @@ impl Renewer {
                 addr: addr.clone(),
                 reason: format!("the token is not a valid header value: {e}"),
             })?;
-        let exchange = async {
-            let rsp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| RenewError::Transport {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?;
-            let status = rsp.status();
-            let body = Limited::new(rsp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| RenewError::Transport {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?
-                .to_bytes();
-            if status != StatusCode::OK {
-                return Err(RenewError::Refused {
-                    addr: addr.clone(),
-                    status,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                });
-            }
-            serde_json::from_slice::<Answer>(&body).map_err(|e| RenewError::Answer {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })
-        };
-        tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(RenewError::Transport {
-                    addr: addr.clone(),
-                    reason: format!("no answer within {EXCHANGE_TIMEOUT:?}"),
-                })
-            })
+        let (status, body) = self
+            .channel
+            .exchange(req, MAX_BODY, EXCHANGE_TIMEOUT)
+            .await?;
+        if status != StatusCode::OK {
+            return Err(RenewError::Refused {
+                addr,
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        serde_json::from_slice::<Answer>(&body).map_err(|e| RenewError::Answer {
+            addr,
+            reason: e.to_string(),
+        })
     }
 }
 
