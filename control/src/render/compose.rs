@@ -345,7 +345,7 @@ const INFRA: &str = r#"
               "--ca-cert", "/run/secrets/mesh-ca", "--ca-key", "/run/secrets/mesh-ca-key",
               "--tls-name", "mesh-control", "--tls-name", "localhost",
               "--operator-token-file", "/run/secrets/operator-token",
-              "--catalog-state", "/var/lib/mesh-control/catalog.json"]
+              "--catalog-state", "/var/lib/mesh/catalog.json"]
     secrets: [mesh-ca, mesh-ca-key, agent-tokens, operator-token]
     restart: always
     labels:
@@ -355,8 +355,9 @@ const INFRA: &str = r#"
         condition: service_healthy
     volumes:
       - ./config/mesh:/etc/mesh/policy:ro
-      # The catalog last published: a restart judges its first Consul read against it.
-      - mesh-control-state:/var/lib/mesh-control
+      # The catalog last published (the image makes /var/lib/mesh its own): a restart
+      # judges its first Consul read against it.
+      - mesh-control-state:/var/lib/mesh
     healthcheck:
       test: ["CMD", "curl", "-fsS", "-o", "/dev/null", "--max-time", "2", "--cacert", "/run/secrets/mesh-ca", "https://localhost:15010/health"]
       interval: 10s
