@@ -11,6 +11,8 @@ pub mod consul_register;
 pub mod control_client;
 pub mod drain;
 pub mod errors;
+#[cfg(test)]
+mod front_door_props;
 pub mod grpc;
 pub mod health;
 pub mod host;
