@@ -1,9 +1,8 @@
 //! Regression tests for the HTTP/1 front door of both listeners, so that a dependency update
 //! (hyper, httparse) cannot loosen what a sidecar refuses: conflicting `Content-Length`s,
-//! obs-fold, NUL and bare CR in a head are 400 and never reach the app; an oversized head on
-//! the inbound listener is 431 (the outbound one is in `bad_input.rs`); garbage and TLS bytes
-//! on the plaintext outbound listener cost their own connection only, and the next client,
-//! and a client already connected, are served.
+//! obs-fold, NUL and bare CR in a head are 400 and never reach the app; an oversized head is
+//! 431; garbage and TLS bytes on the plaintext outbound listener cost their own connection
+//! only, and the next client, and a client already connected, are served.
 
 use mesh_tests::client::{self, raw_exchange, raw_status};
 use mesh_tests::proxy::{self, TestProxy};
@@ -103,13 +102,9 @@ async fn malformed_heads_are_400_on_both_listeners_and_never_reach_the_app() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_head_on_the_inbound_listener_is_431() {
+async fn an_oversized_head_is_431_on_both_listeners() {
     let app = server::echo().label("app").run().await;
-    let inbound = proxy::builder()
-        .agent("b")
-        .inbound_app(app.addr())
-        .start()
-        .await;
+    let (outbound, inbound) = both_listeners(&app).await;
     // 96 KiB of headers, over the 64 KiB limit on a request head.
     let mut bytes = b"GET / HTTP/1.1\r\nHost: b\r\n".to_vec();
     for i in 0..96 {
@@ -118,13 +113,18 @@ async fn an_oversized_head_on_the_inbound_listener_is_431() {
         bytes.extend_from_slice(b"\r\n");
     }
     bytes.extend_from_slice(b"\r\n");
-    let out = raw_exchange(inbound.inbound(), &bytes).await;
-    assert_eq!(
-        raw_status(&out),
-        Some(431),
-        "the sidecar answered {:?}",
-        String::from_utf8_lossy(&out[..out.len().min(200)])
-    );
+    for (listener, addr) in [
+        ("outbound", outbound.outbound()),
+        ("inbound", inbound.inbound()),
+    ] {
+        let out = raw_exchange(addr, &bytes).await;
+        assert_eq!(
+            raw_status(&out),
+            Some(431),
+            "{listener}: the sidecar answered {:?}",
+            String::from_utf8_lossy(&out[..out.len().min(200)])
+        );
+    }
     assert_eq!(app.requests(), 0);
 }
 
