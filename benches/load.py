@@ -441,13 +441,27 @@ def start_mesh_2hop_mtls(procs, tmp, proxy_bin, control_bin, port, upstream_port
     ca = MeshCa(tmp)
     control = Control(procs, tmp, control_bin, ca, ["bench-client", "upstream"],
                       [("upstream", [b_inbound])])
-    b = start_mesh(procs, tmp, proxy_bin, "upstream", free_port(), free_port(), [],
+    b_admin = free_port()
+    b = start_mesh(procs, tmp, proxy_bin, "upstream", free_port(), b_admin, [],
                    inbound=b_inbound, inbound_app=upstream_port, control=control)
     a = start_mesh(procs, tmp, proxy_bin, "bench-client", port, free_port(), [],
                    control=control)
     # 200 only once A has its certificate and the strict snapshot, and B its certificate.
     wait_ready(a, port, host="upstream", expect_body=BODY.encode(), timeout=20.0)
+    b.bench_admin = b_admin
     return [a, b], control
+
+
+def tls_counts(admin):
+    """B's inbound: (mTLS handshakes, plaintext requests), from its metrics."""
+    _, body = http_get(admin, "/metrics")
+    handshakes = plaintext = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("agent_tls_handshakes_total{") and 'side="server"' in line:
+            handshakes += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("agent_inbound_plaintext_requests_total{"):
+            plaintext += float(line.rsplit(" ", 1)[1])
+    return handshakes, plaintext
 
 
 # === Load generators ===
@@ -634,6 +648,9 @@ def run_scenario(name, procs, tmp, args, upstream_port, upstream_h2_port, upstre
     try:
         time.sleep(args.settle)
         r = measure(name, subjects, upstream, port, args)
+        if name == "mesh-2hop-mtls":
+            # Proof that the hop was mTLS on reused connections: handshakes few, no plaintext.
+            r["b_tls_handshakes"], r["b_plaintext_requests"] = tls_counts(subjects[1].bench_admin)
         if name in MESH_SCENARIOS:
             # The access log is part of the measured cost: report its size per request.
             n = max(r["total_requests"], 1)
@@ -822,6 +839,11 @@ def targets(results):
         lines.append(f"- [info] p99 at 2,000 req/s added by mTLS over plaintext h2c: "
                      f"{added:+.3f} ms ({plain['oha']['2000']['p99_ms']:.3f} -> "
                      f"{tls['oha']['2000']['p99_ms']:.3f})")
+        if "b_tls_handshakes" in tls:
+            lines.append(f"- [info] sidecar B's inbound over the run: "
+                         f"{tls['b_tls_handshakes']:.0f} mTLS handshakes, "
+                         f"{tls['b_plaintext_requests']:.0f} plaintext requests, "
+                         f"{tls['total_requests']:,} requests")
         for i, side in enumerate(("A", "B")):
             anon, file = tls["rss_idle_anon_file_kib"][i]
             lanon, lfile = tls["rss_after_wrk_anon_file_kib"][i]
