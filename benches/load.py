@@ -46,9 +46,12 @@ TARGET_RSS_IDLE_MIB = 8.0
 TARGET_RSS_LOAD_MIB = 20.0
 
 ALL_SCENARIOS = ["direct", "mesh-1hop", "mesh-1hop-nolog", "mesh-2hop-h1", "mesh-2hop-h2",
-                 "haproxy", "nginx-proxy", "mesh-1hop-h2up", "haproxy-h2up"]
+                 "mesh-2hop-mtls", "haproxy", "nginx-proxy", "mesh-1hop-h2up", "haproxy-h2up"]
 MESH_SCENARIOS = {"mesh-1hop", "mesh-1hop-nolog", "mesh-2hop-h1", "mesh-2hop-h2",
-                  "mesh-1hop-h2up"}
+                  "mesh-2hop-mtls", "mesh-1hop-h2up"}
+
+# Issue 13: two hops over mTLS against the same two hops in plaintext h2c, one run.
+TARGET_MTLS_CPU_RATIO = 1.25
 
 
 def log(msg):
@@ -129,6 +132,17 @@ def proc_status_kib(pid, key):
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise KeyError(key)
+
+
+def smaps_kib(pid):
+    """(anonymous, file-backed) KiB of the resident set, from /proc/PID/smaps_rollup."""
+    v = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in ("Rss:", "Anonymous:"):
+                v[parts[0]] = int(parts[1])
+    return v["Anonymous:"], v["Rss:"] - v["Anonymous:"]
 
 
 def http_get(port, path="/", host=None, timeout=1.0):
@@ -275,7 +289,7 @@ backend be
 
 
 def write_mesh_config(tmp, agent, outbound, admin, snapshot_services, inbound=None,
-                      inbound_app=None, access_log=True):
+                      inbound_app=None, access_log=True, control=None):
     snap_path = os.path.join(tmp, f"{agent}-snapshot.toml")
     lines = ["version = 1", ""]
     for name, protocol, endpoints in snapshot_services:
@@ -295,6 +309,12 @@ def write_mesh_config(tmp, agent, outbound, admin, snapshot_services, inbound=No
     boot += ["[snapshot]", f'file = "{snap_path}"', "", "[runtime]", "worker_threads = 1", "",
              "[drain]", 'grace = "1s"', "", "[log]", f"access = {'true' if access_log else 'false'}",
              ""]
+    if control is not None:
+        # Snapshots and the certificate from the control process; the file above is only the
+        # first snapshot.
+        boot += ["[control]", f'address = "{control.address}"', 'wait = "5s"',
+                 'max_backoff = "100ms"', "", "[identity]",
+                 f'token_file = "{control.token_file(agent)}"', ""]
     path = os.path.join(tmp, f"{agent}-bootstrap.toml")
     with open(path, "w") as f:
         f.write("\n".join(boot))
@@ -302,9 +322,9 @@ def write_mesh_config(tmp, agent, outbound, admin, snapshot_services, inbound=No
 
 
 def start_mesh(procs, tmp, proxy_bin, agent, outbound, admin, services, inbound=None,
-               inbound_app=None, access_log=True):
+               inbound_app=None, access_log=True, control=None):
     cfg = write_mesh_config(tmp, agent, outbound, admin, services, inbound, inbound_app,
-                            access_log)
+                            access_log, control)
     # stdout carries one JSON access-log line per request: to a file, never an undrained pipe.
     p = procs.start(agent, [proxy_bin, "--config", cfg], os.path.join(tmp, f"{agent}.out"),
                     SERVER_CORE)
@@ -329,6 +349,119 @@ def start_mesh_2hop(procs, tmp, proxy_bin, port, upstream_port, protocol):
                    [("upstream", protocol, [b_inbound])])
     wait_ready(a, port, host="upstream", expect_body=BODY.encode())
     return [a, b]
+
+
+# === Mesh identity (mTLS) ===
+
+
+def openssl(*argv):
+    subprocess.run(["openssl", *argv], check=True, capture_output=True)
+
+
+class MeshCa:
+    """A CA of our own (P-256, made with openssl) that mesh-control signs with
+    (--ca-cert/--ca-key), so that a bench client can hold a certificate of the same mesh."""
+
+    def __init__(self, tmp, trust_domain="mesh"):
+        self.dir = os.path.join(tmp, "ca")
+        os.makedirs(self.dir, exist_ok=True)
+        self.cert = os.path.join(self.dir, "ca.pem")
+        self.key = os.path.join(self.dir, "ca-key.pem")
+        self.trust_domain = trust_domain
+        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-out", self.key)
+        openssl("req", "-x509", "-new", "-key", self.key, "-out", self.cert, "-days", "2",
+                "-subj", "/CN=bench mesh CA",
+                "-addext", "basicConstraints=critical,CA:TRUE",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+
+    def client_cert(self, agent):
+        """(cert, key) naming `agent` as the mesh does: only a spiffe:// URI SAN."""
+        key = os.path.join(self.dir, f"{agent}-key.pem")
+        csr = os.path.join(self.dir, f"{agent}.csr")
+        cert = os.path.join(self.dir, f"{agent}.pem")
+        ext = os.path.join(self.dir, f"{agent}.ext")
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName=critical,URI:spiffe://{self.trust_domain}/agent/{agent}\n"
+                    "keyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
+        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-out", key)
+        openssl("req", "-new", "-key", key, "-out", csr, "-subj", "/")
+        openssl("x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
+                "-CAcreateserial", "-out", cert, "-days", "1", "-extfile", ext)
+        return cert, key
+
+
+class Control:
+    """mesh-control as the mesh's CA and snapshot source for the agents of one scenario:
+    policy `[identity] mode` strict by default (a plaintext hop would be refused, so a 200
+    through two sidecars proves mTLS), sidecars speak HTTP/2 to each other as shipped."""
+
+    def __init__(self, procs, tmp, control_bin, ca, agents, catalog, mode="strict"):
+        self.tmp = tmp
+        self.address = f"127.0.0.1:{free_port()}"
+        policy = os.path.join(tmp, "policy")
+        os.makedirs(policy, exist_ok=True)
+        with open(os.path.join(policy, "traffic.toml"), "w") as f:
+            f.write('[defaults]\nprotocol = "http2"\n')
+        with open(os.path.join(policy, "identity.toml"), "w") as f:
+            f.write(f'[identity]\nmode = "{mode}"\n')
+        tokens = os.path.join(tmp, "agent-tokens.toml")
+        with open(tokens, "w") as f:
+            for agent in agents:
+                path = self.token_file(agent)
+                token = f"bench-token-{agent}-{os.urandom(8).hex()}"
+                with open(path, "w") as t:
+                    t.write(token)
+                f.write(f'{agent} = "{token}"\n')
+        cat = os.path.join(tmp, "catalog.toml")
+        with open(cat, "w") as f:
+            for name, endpoints in catalog:
+                eps = ", ".join(f'"127.0.0.1:{p}"' for p in endpoints)
+                f.write(f'[[services]]\nname = "{name}"\nphase = "critical"\n'
+                        f"endpoints = [{eps}]\n\n")
+        # The control process is idle during the load (long-polls wait): on the generators'
+        # core so it takes nothing from the servers' core.
+        self.proc = procs.start("mesh-control", [
+            control_bin, "run", "--listen", self.address, "--policy", policy,
+            "--catalog", cat, "--poll", "200ms", "--agent-tokens", tokens,
+            "--ca-cert", ca.cert, "--ca-key", ca.key, "--trust-domain", ca.trust_domain,
+            "--cert-lifetime", "12h", "--log", "warn"],
+            os.path.join(tmp, "control.out"), LOADGEN_CORE)
+        wait_ready(self.proc, int(self.address.rsplit(":", 1)[1]), path="/health")
+
+    def token_file(self, agent):
+        return os.path.join(self.tmp, f"{agent}.token")
+
+
+def start_mesh_2hop_mtls(procs, tmp, proxy_bin, control_bin, port, upstream_port):
+    """agent -> sidecar A -> HTTP/2 over mTLS -> sidecar B -> app; certificates from
+    mesh-control. B is agent `upstream`: A checks that the peer names the agent it dialled."""
+    b_inbound = free_port()
+    ca = MeshCa(tmp)
+    control = Control(procs, tmp, control_bin, ca, ["bench-client", "upstream"],
+                      [("upstream", [b_inbound])])
+    b_admin = free_port()
+    b = start_mesh(procs, tmp, proxy_bin, "upstream", free_port(), b_admin, [],
+                   inbound=b_inbound, inbound_app=upstream_port, control=control)
+    a = start_mesh(procs, tmp, proxy_bin, "bench-client", port, free_port(), [],
+                   control=control)
+    # 200 only once A has its certificate and the strict snapshot, and B its certificate.
+    wait_ready(a, port, host="upstream", expect_body=BODY.encode(), timeout=20.0)
+    b.bench_admin = b_admin
+    return [a, b], control
+
+
+def tls_counts(admin):
+    """B's inbound: (mTLS handshakes, plaintext requests), from its metrics."""
+    _, body = http_get(admin, "/metrics")
+    handshakes = plaintext = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("agent_tls_handshakes_total{") and 'side="server"' in line:
+            handshakes += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("agent_inbound_plaintext_requests_total{"):
+            plaintext += float(line.rsplit(" ", 1)[1])
+    return handshakes, plaintext
 
 
 # === Load generators ===
@@ -423,6 +556,7 @@ def measure(name, subjects, upstream, port, args):
     """subjects: the processes whose CPU and memory we charge (the upstream for `direct`)."""
     r = {"scenario": name, "pids": [p.pid for p in subjects]}
     r["rss_idle_kib"] = [proc_status_kib(p.pid, "VmRSS") for p in subjects]
+    r["rss_idle_anon_file_kib"] = [smaps_kib(p.pid) for p in subjects]
     log(f"{name}: warm-up {args.warmup}s")
     total = run_wrk(port, args.warmup)["requests"]
 
@@ -466,6 +600,7 @@ def measure(name, subjects, upstream, port, args):
     r["upstream_cpu_us_per_req"] = sum(up_after[i] - up_before[i] for i in (0, 1)) * \
         us_per_tick / n
     r["rss_after_wrk_kib"] = [proc_status_kib(p.pid, "VmRSS") for p in subjects]
+    r["rss_after_wrk_anon_file_kib"] = [smaps_kib(p.pid) for p in subjects]
 
     r["oha"] = {}
     for rate in RATES:
@@ -486,6 +621,7 @@ def run_scenario(name, procs, tmp, args, upstream_port, upstream_h2_port, upstre
     os.makedirs(tmp, exist_ok=True)
     if name == "direct":
         return measure(name, [upstream], upstream, upstream_port, args)
+    others = []  # started for the scenario, not measured
     if name == "haproxy":
         subjects = start_haproxy(procs, tmp, port, upstream_port)
     elif name == "haproxy-h2up":
@@ -500,6 +636,10 @@ def run_scenario(name, procs, tmp, args, upstream_port, upstream_h2_port, upstre
     elif name == "mesh-1hop-nolog":
         subjects = start_mesh_1hop(procs, tmp, args.proxy_bin, port, upstream_port,
                                    access_log=False)
+    elif name == "mesh-2hop-mtls":
+        subjects, control = start_mesh_2hop_mtls(procs, tmp, args.proxy_bin, args.control_bin,
+                                                 port, upstream_port)
+        others.append(control.proc)
     elif name.startswith("mesh-2hop-"):
         protocol = {"h1": "http1", "h2": "http2"}[name.rsplit("-", 1)[1]]
         subjects = start_mesh_2hop(procs, tmp, args.proxy_bin, port, upstream_port, protocol)
@@ -508,6 +648,9 @@ def run_scenario(name, procs, tmp, args, upstream_port, upstream_h2_port, upstre
     try:
         time.sleep(args.settle)
         r = measure(name, subjects, upstream, port, args)
+        if name == "mesh-2hop-mtls":
+            # Proof that the hop was mTLS on reused connections: handshakes few, no plaintext.
+            r["b_tls_handshakes"], r["b_plaintext_requests"] = tls_counts(subjects[1].bench_admin)
         if name in MESH_SCENARIOS:
             # The access log is part of the measured cost: report its size per request.
             n = max(r["total_requests"], 1)
@@ -520,7 +663,7 @@ def run_scenario(name, procs, tmp, args, upstream_port, upstream_h2_port, upstre
                 r["stdout_lines_per_req"].append(round(data.count(b"\n") / n, 3))
         return r
     finally:
-        for p in subjects:
+        for p in subjects + others:
             procs.stop(p)
 
 
@@ -554,6 +697,8 @@ def aggregate(runs):
     out["upstream_cpu_us_per_req"] = median([r["upstream_cpu_us_per_req"] for r in runs])
     out["rss_idle_kib"] = [median([r["rss_idle_kib"][i] for r in runs]) for i in range(n)]
     out["rss_hwm_kib"] = [max(r["rss_hwm_kib"][i] for r in runs) for i in range(n)]
+    for k in ("rss_idle_anon_file_kib", "rss_after_wrk_anon_file_kib"):
+        out[k] = [[median([r[k][i][j] for r in runs]) for j in (0, 1)] for i in range(n)]
     out["oha"] = {}
     for rate in runs[0]["oha"]:
         os_ = [r["oha"][rate] for r in runs]
@@ -655,31 +800,59 @@ def health_notes(results):
 def targets(results):
     by = {r["scenario"]: r for r in results if "error" not in r}
     m = by.get("mesh-1hop")
-    if not m:
-        return ["targets: not checked (no mesh-1hop result)"]
     lines = []
 
     def check(label, ok, detail):
         lines.append(f"- [{'PASS' if ok else 'FAIL'}] {label}: {detail}")
 
-    d = by.get("direct")
-    if d:
-        added = m["oha"]["2000"]["p99_ms"] - d["oha"]["2000"]["p99_ms"]
-        check(f"added p99 of one hop at 2,000 req/s <= {TARGET_ADDED_P99_MS_2K} ms",
-              added <= TARGET_ADDED_P99_MS_2K, f"{added:+.3f} ms")
-    for base in ("haproxy", "nginx-proxy"):
-        b = by.get(base)
-        if b:
-            ratio = m["wrk"]["rps"] / b["wrk"]["rps"]
-            check(f"throughput >= {TARGET_THROUGHPUT_RATIO}x {base}",
-                  ratio >= TARGET_THROUGHPUT_RATIO, f"{ratio:.2f}x")
-    check(f"CPU <= {TARGET_CPU_US} us/request", m["cpu_us_per_req"] <= TARGET_CPU_US,
-          f"{m['cpu_us_per_req']:.1f} us")
-    idle = mib(m["rss_idle_kib"][0])
-    check(f"RSS idle <= {TARGET_RSS_IDLE_MIB} MiB", idle <= TARGET_RSS_IDLE_MIB, f"{idle:.1f} MiB")
-    peak = mib(m["rss_hwm_kib"][0])
-    check(f"RSS under load (VmHWM) <= {TARGET_RSS_LOAD_MIB} MiB", peak <= TARGET_RSS_LOAD_MIB,
-          f"{peak:.1f} MiB")
+    if not m:
+        lines.append("- one-hop targets: not checked (no mesh-1hop result)")
+        m = {}
+
+    if m:
+        d = by.get("direct")
+        if d:
+            added = m["oha"]["2000"]["p99_ms"] - d["oha"]["2000"]["p99_ms"]
+            check(f"added p99 of one hop at 2,000 req/s <= {TARGET_ADDED_P99_MS_2K} ms",
+                  added <= TARGET_ADDED_P99_MS_2K, f"{added:+.3f} ms")
+        for base in ("haproxy", "nginx-proxy"):
+            b = by.get(base)
+            if b:
+                ratio = m["wrk"]["rps"] / b["wrk"]["rps"]
+                check(f"throughput >= {TARGET_THROUGHPUT_RATIO}x {base}",
+                      ratio >= TARGET_THROUGHPUT_RATIO, f"{ratio:.2f}x")
+        check(f"CPU <= {TARGET_CPU_US} us/request", m["cpu_us_per_req"] <= TARGET_CPU_US,
+              f"{m['cpu_us_per_req']:.1f} us")
+        idle = mib(m["rss_idle_kib"][0])
+        check(f"RSS idle <= {TARGET_RSS_IDLE_MIB} MiB", idle <= TARGET_RSS_IDLE_MIB, f"{idle:.1f} MiB")
+        peak = mib(m["rss_hwm_kib"][0])
+        check(f"RSS under load (VmHWM) <= {TARGET_RSS_LOAD_MIB} MiB", peak <= TARGET_RSS_LOAD_MIB,
+              f"{peak:.1f} MiB")
+    tls, plain = by.get("mesh-2hop-mtls"), by.get("mesh-2hop-h2")
+    if tls and plain:
+        ratio = tls["cpu_us_per_req"] / plain["cpu_us_per_req"]
+        check(f"two hops over mTLS: CPU per request <= {TARGET_MTLS_CPU_RATIO}x plaintext h2c",
+              ratio <= TARGET_MTLS_CPU_RATIO,
+              f"{ratio:.2f}x ({tls['cpu_us_per_req']:.1f} us against "
+              f"{plain['cpu_us_per_req']:.1f} us)")
+        added = tls["oha"]["2000"]["p99_ms"] - plain["oha"]["2000"]["p99_ms"]
+        lines.append(f"- [info] p99 at 2,000 req/s added by mTLS over plaintext h2c: "
+                     f"{added:+.3f} ms ({plain['oha']['2000']['p99_ms']:.3f} -> "
+                     f"{tls['oha']['2000']['p99_ms']:.3f})")
+        if "b_tls_handshakes" in tls:
+            lines.append(f"- [info] sidecar B's inbound over the run: "
+                         f"{tls['b_tls_handshakes']:.0f} mTLS handshakes, "
+                         f"{tls['b_plaintext_requests']:.0f} plaintext requests, "
+                         f"{tls['total_requests']:,} requests")
+        for i, side in enumerate(("A", "B")):
+            anon, file = tls["rss_idle_anon_file_kib"][i]
+            lanon, lfile = tls["rss_after_wrk_anon_file_kib"][i]
+            lines.append(f"- [info] RSS of sidecar {side} with identity on: idle "
+                         f"{mib(tls['rss_idle_kib'][i]):.1f} MiB (budget "
+                         f"{TARGET_RSS_IDLE_MIB}; {mib(anon):.1f} anonymous + {mib(file):.1f} "
+                         f"file-backed), peak {mib(tls['rss_hwm_kib'][i]):.1f} MiB (budget "
+                         f"{TARGET_RSS_LOAD_MIB}; after wrk {mib(lanon):.1f} anonymous + "
+                         f"{mib(lfile):.1f} file-backed)")
     m2, h2 = by.get("mesh-1hop-h2up"), by.get("haproxy-h2up")
     if m2 and h2:
         lines.append(f"- [info] to the same upstream over h2c: mesh-1hop-h2up "
@@ -728,6 +901,8 @@ def main():
     ap.add_argument("--only", help="comma-separated scenarios, from: " + ",".join(ALL_SCENARIOS))
     ap.add_argument("--proxy-bin",
                     default=os.path.join(here, "..", "target", "release", "mesh-proxy"))
+    ap.add_argument("--control-bin",
+                    default=os.path.join(here, "..", "target", "release", "mesh-control"))
     ap.add_argument("--skip-mesh", action="store_true",
                     help="do not run mesh scenarios (e.g. the build failed)")
     ap.add_argument("--out", default=os.path.join(here, "results", "latest.json"))
@@ -753,11 +928,17 @@ def main():
         if s not in ALL_SCENARIOS:
             sys.exit(f"unknown scenario {s!r}; known: {', '.join(ALL_SCENARIOS)}")
     args.proxy_bin = os.path.abspath(args.proxy_bin)
+    args.control_bin = os.path.abspath(args.control_bin)
     mesh_skip = None
     if args.skip_mesh:
         mesh_skip = "mesh scenarios disabled (--skip-mesh: the release build failed?)"
     elif not os.access(args.proxy_bin, os.X_OK):
         mesh_skip = f"mesh-proxy binary missing: {args.proxy_bin} (cargo build --release -p mesh-proxy)"
+    elif "mesh-2hop-mtls" in scenarios and not os.access(args.control_bin, os.X_OK):
+        mesh_skip = (f"mesh-control binary missing: {args.control_bin} "
+                     "(cargo build --release -p mesh-control)")
+    if "mesh-2hop-mtls" in scenarios and not shutil.which("openssl"):
+        sys.exit("missing tool: openssl (the mTLS scenario makes its CA with it)")
 
     tmp = args.tmpdir or tempfile.mkdtemp(prefix="mesh-bench-")
     procs = Procs(args.pidfile)
@@ -820,7 +1001,7 @@ def main():
         for n in notes:
             print(f"- {n}")
         print()
-    print("Targets (mesh-1hop):")
+    print("Targets (one hop: mesh-1hop; mTLS: mesh-2hop-mtls against mesh-2hop-h2):")
     for line in targets(results):
         print(line)
     print()

@@ -12,6 +12,8 @@ pub mod control_channel;
 pub mod control_client;
 pub mod drain;
 pub mod errors;
+#[cfg(test)]
+mod front_door_props;
 pub mod grpc;
 pub mod health;
 pub mod host;

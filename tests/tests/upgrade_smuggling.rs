@@ -25,21 +25,35 @@ async fn an_h2c_upgrade_reaches_the_app_as_a_plain_request() {
         )
         .start()
         .await;
-    // Through a's outbound, and straight to b's inbound.
+    // Through a's outbound, and straight to b's inbound; `h2c` alone, and on a second
+    // `Upgrade` line after a `websocket` one.
     for (addr, what) in [(a.outbound(), "via a"), (b.inbound(), "to b's inbound")] {
-        let c = client::http1(addr);
-        let req = c
-            .request(http::Method::GET, "b", "/")
-            .header("upgrade", "h2c")
-            .header("connection", "Upgrade, HTTP2-Settings")
-            .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
-            .body(mesh_tests::body::empty())
-            .unwrap();
-        let reply = c.send(req).await;
-        assert_eq!(reply.status, 200, "{what}: answered as a plain request");
-        let seen = app.request_headers();
-        let last = seen.last().expect("the app got the request");
-        assert!(last.get("upgrade").is_none(), "{what}: {last:?}");
-        assert!(last.get("http2-settings").is_none(), "{what}: {last:?}");
+        for upgrades in [&["h2c"][..], &["websocket", "h2c"]] {
+            let c = client::http1(addr);
+            let mut req = c.request(http::Method::GET, "b", "/");
+            for up in upgrades {
+                req = req.header("upgrade", *up);
+            }
+            let req = req
+                .header("connection", "Upgrade, HTTP2-Settings")
+                .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+                .body(mesh_tests::body::empty())
+                .unwrap();
+            let reply = c.send(req).await;
+            assert_eq!(
+                reply.status, 200,
+                "{what}, {upgrades:?}: answered as a plain request"
+            );
+            let seen = app.request_headers();
+            let last = seen.last().expect("the app got the request");
+            assert!(
+                last.get("upgrade").is_none(),
+                "{what}, {upgrades:?}: {last:?}"
+            );
+            assert!(
+                last.get("http2-settings").is_none(),
+                "{what}, {upgrades:?}: {last:?}"
+            );
+        }
     }
 }

@@ -136,23 +136,17 @@ where
         }
         let per_try = req.extensions_mut().remove::<TryDeadline>().map(|d| d.0);
         let overall = req.extensions_mut().remove::<Deadline>();
-        if let Some(d) = &overall {
-            d.propagate(req.headers_mut());
-        }
         let deadline = per_try.into_iter().chain(overall.map(|d| d.at)).min();
         let endpoint = picked.endpoint.clone();
-
-        crate::outbound::upgrade::strip_unknown(&mut req);
-        let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
-        // An upgrade needs an HTTP/1.1 connection whatever the backend prefers.
-        let protocol = if upgrade.is_some() {
-            Protocol::Http1
-        } else {
-            backend.protocol
+        let (protocol, upgrade) = match prepare(
+            &mut req,
+            overall.as_ref(),
+            &endpoint.authority,
+            backend.protocol,
+        ) {
+            Ok(ready) => ready,
+            Err(e) => return Box::pin(async move { Err(e) }),
         };
-        if let Err(e) = rewrite(&mut req, &endpoint.authority, protocol, upgrade.is_some()) {
-            return Box::pin(async move { Err(e) });
-        }
         let grpc = crate::grpc::is_grpc(&req);
         let inflight = InFlight::start(endpoint.clone());
         let pools = (*self.pools).clone();
@@ -274,6 +268,31 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .any(|v| contains_token(v, "upgrade"))
 }
 
+/// Everything done to a routed request's head before it leaves: the budget left written for
+/// the next hop (over whatever the caller sent), upgrades the mesh does not carry stripped,
+/// then hop-by-hop headers removed and the target rewritten for `endpoint`. Returns the
+/// protocol to send with (an upgrade needs HTTP/1.1 whatever the backend prefers) and the
+/// caller's side of an upgrade.
+pub(crate) fn prepare<B>(
+    req: &mut Request<B>,
+    deadline: Option<&Deadline>,
+    endpoint: &http::uri::Authority,
+    preferred: Protocol,
+) -> Result<(Protocol, Option<hyper::upgrade::OnUpgrade>), ProxyError> {
+    if let Some(d) = deadline {
+        d.propagate(req.headers_mut());
+    }
+    crate::outbound::upgrade::strip_unknown(req);
+    let upgrade = is_upgrade(req).then(|| hyper::upgrade::on(&mut *req));
+    let protocol = if upgrade.is_some() {
+        Protocol::Http1
+    } else {
+        preferred
+    };
+    rewrite(req, endpoint, protocol, upgrade.is_some())?;
+    Ok((protocol, upgrade))
+}
+
 /// Readies the request for the endpoint's connection (the connection, not the URI, says where
 /// it goes). The caller's authority stays the request's authority: HTTP/1.1 gets origin-form
 /// (`GET /path`) with the caller's `Host`, since a server must prefer an absolute-form target's
@@ -334,25 +353,21 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if present == 0 {
         return;
     }
-    if present & HOP_CONNECTION != 0 {
-        if let Some(conn) = headers.get(header::CONNECTION) {
-            if conn.as_bytes() != b"keep-alive" && conn.as_bytes() != b"close" && !upgrade {
-                let named: Vec<HeaderName> = conn
-                    .to_str()
-                    .unwrap_or("")
-                    .split(',')
-                    .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                    .collect();
-                // The mesh's own headers (`x-mesh-caller`, `x-mesh-timeout-ms`) are set by
-                // the sidecar before this strip: a caller cannot name them away.
-                for name in named.iter().filter(|n| !n.as_str().starts_with("x-mesh-")) {
-                    headers.remove(name);
-                }
-            }
+    if present & HOP_CONNECTION != 0 && !upgrade {
+        // Every `Connection` line counts, not only the first.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter(|conn| conn.as_bytes() != b"keep-alive" && conn.as_bytes() != b"close")
+            .flat_map(|conn| conn.to_str().unwrap_or("").split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        // The mesh's own headers (`x-mesh-caller`, `x-mesh-timeout-ms`) are set by the
+        // sidecar before this strip: a caller cannot name them away.
+        for name in named.iter().filter(|n| !n.as_str().starts_with("x-mesh-")) {
+            headers.remove(name);
         }
-        if !upgrade {
-            headers.remove(header::CONNECTION);
-        }
+        headers.remove(header::CONNECTION);
     }
     if !upgrade && present & HOP_UPGRADE != 0 {
         headers.remove(header::UPGRADE);
@@ -370,13 +385,13 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(header::TRANSFER_ENCODING);
     }
     if present & HOP_TE != 0 {
-        if let Some(te) = headers.get(header::TE) {
-            // Only `TE: trailers` may cross a hop; gRPC depends on it.
-            if !contains_token(te, "trailers") {
-                headers.remove(header::TE);
-            } else if te.as_bytes() != b"trailers" {
-                headers.insert(header::TE, HeaderValue::from_static("trailers"));
-            }
+        // Only `TE: trailers` may cross a hop (gRPC depends on it), once, whatever other
+        // codings and lines came with it.
+        let tes = headers.get_all(header::TE);
+        if !tes.iter().any(|te| contains_token(te, "trailers")) {
+            headers.remove(header::TE);
+        } else if tes.iter().ne([HeaderValue::from_static("trailers")].iter()) {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
     }
 }
@@ -513,6 +528,23 @@ mod tests {
         assert!(!h.contains_key(header::CONNECTION));
         assert!(h.contains_key("x-end"));
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    /// Found by the property test in `front_door_props.rs`: only the first line was read.
+    #[test]
+    fn every_connection_and_te_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.append(header::TE, HeaderValue::from_static("trailers"));
+        h.append(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-hop"), "{h:?}");
+        assert_eq!(
+            h.get_all(header::TE).iter().collect::<Vec<_>>(),
+            ["trailers"]
+        );
     }
 
     #[test]

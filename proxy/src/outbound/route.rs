@@ -130,7 +130,8 @@ where
     }
 }
 
-fn lowercase(name: &str) -> Cow<'_, str> {
+/// Host names are case-insensitive: the name routed on, in lower case.
+pub(crate) fn lowercase(name: &str) -> Cow<'_, str> {
     if name.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(name.to_ascii_lowercase())
     } else {

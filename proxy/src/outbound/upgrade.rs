@@ -11,22 +11,30 @@ const HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 
 /// Strips an upgrade the mesh does not carry; true when it did.
 pub fn strip_unknown<B>(req: &mut Request<B>) -> bool {
-    let Some(up) = req.headers().get(UPGRADE) else {
+    let ups = req.headers().get_all(UPGRADE);
+    if ups.iter().next().is_none() {
         return false;
-    };
-    let websocket = up.to_str().is_ok_and(|v| {
-        v.split(',').all(|p| {
-            p.trim()
-                .split('/')
-                .next()
-                .unwrap_or("")
-                .eq_ignore_ascii_case("websocket")
+    }
+    // Every `Upgrade` line counts: a second one must not carry `h2c` past a first `websocket`.
+    let websocket = ups.iter().all(|up| {
+        up.to_str().is_ok_and(|v| {
+            v.split(',').all(|p| {
+                p.trim()
+                    .split('/')
+                    .next()
+                    .unwrap_or("")
+                    .eq_ignore_ascii_case("websocket")
+            })
         })
     });
     if websocket {
         return false;
     }
-    let asked = up.to_str().unwrap_or("(not text)").to_owned();
+    let asked = ups
+        .iter()
+        .map(|up| up.to_str().unwrap_or("(not text)"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let headers = req.headers_mut();
     headers.remove(UPGRADE);
     headers.remove(HTTP2_SETTINGS);
@@ -82,5 +90,12 @@ mod tests {
         // A list with anything but WebSocket in it is not WebSocket.
         let mut r = req("websocket, h2c", "Upgrade");
         assert!(strip_unknown(&mut r));
+        // Nor is a second `Upgrade` line after a first `websocket` (found by the property
+        // test in `front_door_props.rs`).
+        let mut r = req("websocket", "Upgrade");
+        r.headers_mut()
+            .append(UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(strip_unknown(&mut r));
+        assert!(r.headers().get(UPGRADE).is_none());
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 use tokio::net::TcpStream;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Detected {
     /// An HTTP/1.x request line or the HTTP/2 preface (`PRI * HTTP/2.0`).
     Http,
@@ -22,9 +22,19 @@ const TLS_HANDSHAKE: u8 = 0x16;
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
     let mut first = [0u8; 1];
     match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0].is_ascii_uppercase() => Detected::Http,
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => Detected::Tls,
-        Ok(Ok(1)) => Detected::Unknown(first[0]),
+        Ok(Ok(1)) => classify(first[0]),
         _ => Detected::Nothing,
+    }
+}
+
+/// What a connection carries, by the first byte it sent.
+pub fn classify(first: u8) -> Detected {
+    match first {
+        // A request line starts with its method, a token in capitals (`PRI` for the HTTP/2
+        // preface), after any empty lines a client sent first: a server should skip them
+        // (RFC 9112 2.2), as hyper's parser does.
+        b'A'..=b'Z' | b'\r' | b'\n' => Detected::Http,
+        TLS_HANDSHAKE => Detected::Tls,
+        other => Detected::Unknown(other),
     }
 }

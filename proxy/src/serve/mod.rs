@@ -2,7 +2,7 @@
 //! listeners: protocol detection, hyper's HTTP/1.1 + HTTP/2 server, and drain.
 
 mod accept;
-mod detect;
+pub(crate) mod detect;
 mod for_peer;
 mod head_timeout;
 mod in_flight;
