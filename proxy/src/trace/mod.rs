@@ -144,10 +144,10 @@ pub fn begin(tracer: &Tracer, parent: Option<TraceContext>) -> TraceContext {
     match parent {
         Some(p) => p.child(),
         None => {
-            let trace_id = context::new_trace_id();
+            let (trace_id, span_id) = context::new_ids();
             TraceContext {
                 trace_id,
-                span_id: context::new_span_id(),
+                span_id,
                 sampled: tracer.sample_root(&trace_id),
             }
         }
