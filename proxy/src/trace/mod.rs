@@ -134,7 +134,7 @@ impl Tracer {
 
     /// The Rule 28 attributes every span of this sidecar carries.
     pub fn identity(&self, span: &mut Span) {
-        span.set(KeyValue::new("agent.id", self.agent.to_string()));
+        span.set(KeyValue::new("agent.id", client::shared(&self.agent)));
         span.set(KeyValue::new("agent.phase", self.phase.as_str()));
     }
 }
