@@ -1,15 +1,17 @@
 //! OTLP/gRPC transport without a gRPC framework: each batch is one unary call of
 //! `opentelemetry.proto.collector.trace.v1.TraceService/Export` over one HTTP/2 (h2c)
-//! connection held with hyper's client, which the sidecar already carries. The request is the
+//! connection held with hyper's client, which the sidecar already carries (with the request
+//! body type of the outbound pool, so the HTTP/2 client code is shared). The request is the
 //! `ExportTraceServiceRequest` that opentelemetry-proto builds (as the OTLP/HTTP exporter
 //! builds it), in one length-prefixed gRPC message. A call succeeded only when the collector
 //! ended it with `grpc-status: 0`; any other status, a broken connection or the timeout fails
 //! the batch, and the caller counts its spans dropped. Spans the collector reports rejected in
 //! `partial_success` are counted dropped too.
 
+use crate::outbound::replay::RequestBody;
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -33,7 +35,7 @@ pub struct Exporter {
     uri: Uri,
     timeout: Duration,
     resource: ResourceAttributesWithSchema,
-    conn: Option<http2::SendRequest<Full<Bytes>>>,
+    conn: Option<http2::SendRequest<RequestBody>>,
 }
 
 /// Why a batch did not reach the collector.
@@ -111,7 +113,7 @@ impl Exporter {
         conn.ready().await?;
         let mut req = Request::post(self.uri.clone())
             .version(http::Version::HTTP_2)
-            .body(Full::new(body))
+            .body(RequestBody::replay(body, None))
             .expect("a fixed URI and headers");
         let headers = req.headers_mut();
         headers.insert(
@@ -148,7 +150,7 @@ impl Exporter {
             .map_or(0, |p| p.rejected_spans.max(0) as u64))
     }
 
-    async fn connect(&self) -> Result<http2::SendRequest<Full<Bytes>>, CallError> {
+    async fn connect(&self) -> Result<http2::SendRequest<RequestBody>, CallError> {
         let peer = format!("{}:{}", self.host, self.port);
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
