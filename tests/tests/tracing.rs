@@ -475,3 +475,40 @@ async fn a_collector_answering_grpc_errors_counts_the_spans_dropped() {
     );
     assert!(collector.spans().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_collector_that_never_answers_delays_no_request() {
+    let collector = otlp::hanging_collector().await;
+    let app = server::fixed(200, "ok").run().await;
+    let snap = snapshot(1).service(service("tr-ghang").endpoint(app.addr()));
+    let boot = format!(
+        "{}queue_size = 4\nmax_batch = 2\nexport_timeout = \"200ms\"\n",
+        otlp::grpc_trace_bootstrap(&collector.endpoint())
+    );
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&boot)
+        .spawn()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(c.get("tr-ghang", "/").await.status, 200);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // The queue overflowed while a call hung, and the hung calls timed out: both counted.
+    wait_for_metric(
+        sidecar.admin(),
+        "agent_trace_spans_dropped_total",
+        &[("reason", "queue_full")],
+        1.0,
+    )
+    .await;
+    wait_for_metric(
+        sidecar.admin(),
+        "agent_trace_spans_dropped_total",
+        &[("reason", "export_failed")],
+        1.0,
+    )
+    .await;
+}
