@@ -1,6 +1,7 @@
 //! Tracing across the mesh (Rule 28): one call is one trace from the caller's sidecar to the
 //! callee's app, retries show as attempts, B3 callers join W3C traces, sampling follows the
-//! policy without a restart, and a collector that hangs costs requests nothing.
+//! policy without a restart, spans reach the collector over OTLP/HTTP or OTLP/gRPC, and a
+//! collector that hangs or refuses costs requests nothing.
 
 use mesh_tests::client;
 use mesh_tests::metrics::{metric_value, scrape, wait_for_metric};

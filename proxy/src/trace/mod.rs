@@ -3,7 +3,8 @@
 //! context), the retry loop (one span per attempt), the callee's sidecar (`server.rs`: the
 //! server span, a child of the caller's client span, whose context the app receives), and the
 //! Ollama gateway (queue and generation spans). Spans end with the access record, when the
-//! response body ends, and leave through the bounded exporter queue (`export.rs`).
+//! response body ends, and leave through the bounded exporter queue (`export/`: OTLP/HTTP, or
+//! OTLP/gRPC when the bootstrap asks).
 //!
 //! Sampling is parent-based: a parent's decision (`sampled` flag) is kept; a new trace is
 //! sampled by the policy's `[trace] sampling` ratio for this sidecar's phase, read from each
