@@ -210,11 +210,7 @@ impl AccessRecord {
             json_str(out, detail);
         }
         if let Some(t) = &self.trace {
-            out.extend_from_slice(b",\"trace_id\":\"");
-            out.extend_from_slice(&t.trace_id_hex());
-            out.extend_from_slice(b"\",\"span_id\":\"");
-            out.extend_from_slice(&t.span_id_hex());
-            out.push(b'"');
+            out.extend_from_slice(&t.log_fields());
         }
         out.extend_from_slice(b"}\n");
     }

@@ -53,7 +53,8 @@ pub struct Bootstrap {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Trace {
-    /// The collector, e.g. `http://otel-collector:4318` (`/v1/traces` is added).
+    /// The collector, e.g. `http://otel-collector:4318` (`/v1/traces` is added), or
+    /// `http://otel-collector:4317` with `protocol = "grpc"`.
     pub endpoint: String,
     #[serde(default)]
     pub protocol: TraceProtocol,
@@ -77,7 +78,7 @@ pub enum TraceProtocol {
     #[default]
     #[serde(rename = "http/protobuf")]
     HttpProtobuf,
-    /// OTLP/gRPC: named so the bootstrap can say it is not built in.
+    /// OTLP/gRPC over h2c (the collector's port 4317).
     #[serde(rename = "grpc")]
     Grpc,
 }
@@ -376,8 +377,12 @@ impl Bootstrap {
             if t.endpoint.starts_with("https://") {
                 return fail("trace.endpoint: https is not supported; the collector is reached over the host network (http://)");
             }
-            if t.protocol == TraceProtocol::Grpc {
-                return fail("trace.protocol: \"grpc\" is not built into mesh-proxy; use \"http/protobuf\" (the collector's port 4318)");
+            if t.protocol == TraceProtocol::Grpc
+                && t.endpoint
+                    .parse::<http::Uri>()
+                    .is_ok_and(|u| u.path() != "/")
+            {
+                return fail("trace.endpoint: with protocol = \"grpc\" the collector is named without a path, e.g. http://otel-collector:4317");
             }
             if t.queue_size == 0 || t.max_batch == 0 {
                 return fail("trace.queue_size and trace.max_batch: must be at least 1");
@@ -609,6 +614,23 @@ mod tests {
 
     const HEAD: &str =
         "agent = \"a\"\nphase = \"critical\"\n[listen]\noutbound = \"127.0.0.1:15001\"\n";
+
+    #[test]
+    fn trace_export_is_http_protobuf_unless_grpc_is_asked() {
+        let boot =
+            |extra: &str| Bootstrap::from_toml(Path::new("s.toml"), &format!("{HEAD}{extra}"));
+        let http = boot("[trace]\nendpoint = \"http://c:4318\"\n").unwrap();
+        assert_eq!(http.trace.unwrap().protocol, TraceProtocol::HttpProtobuf);
+        let grpc = boot("[trace]\nendpoint = \"http://c:4317\"\nprotocol = \"grpc\"\n").unwrap();
+        assert_eq!(grpc.trace.unwrap().protocol, TraceProtocol::Grpc);
+        // A gRPC collector is an address; a path is a sign of an OTLP/HTTP URL.
+        let err = boot("[trace]\nendpoint = \"http://c:4318/v1/traces\"\nprotocol = \"grpc\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("without a path"), "{err}");
+        let err =
+            boot("[trace]\nendpoint = \"http://c:4317\"\nprotocol = \"thrift\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("s.toml:"), "{err}");
+    }
 
     #[test]
     fn app_protocol_defaults_to_auto_and_parses() {

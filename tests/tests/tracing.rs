@@ -1,6 +1,7 @@
 //! Tracing across the mesh (Rule 28): one call is one trace from the caller's sidecar to the
 //! callee's app, retries show as attempts, B3 callers join W3C traces, sampling follows the
-//! policy without a restart, and a collector that hangs costs requests nothing.
+//! policy without a restart, spans reach the collector over OTLP/HTTP or OTLP/gRPC, and a
+//! collector that hangs or refuses costs requests nothing.
 
 use mesh_tests::client;
 use mesh_tests::metrics::{metric_value, scrape, wait_for_metric};
@@ -400,4 +401,115 @@ async fn breaker_fallbacks_and_deadlines_are_span_events() {
     );
     assert_eq!(expired.attributes["error.type"], "timeout");
     assert!(expired.error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_arrive_over_grpc_when_the_bootstrap_asks() {
+    let collector = otlp::collector().await;
+    let app = server::fixed(200, "ok").run().await;
+    let snap = snapshot(1).service(service("tr-grpc").endpoint(app.addr()));
+    // The real binary: the gRPC transport is what the sidecar ships.
+    let sidecar = proxy::builder()
+        .agent("tr-g")
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&otlp::grpc_trace_bootstrap(&collector.endpoint()))
+        .spawn()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    for path in ["/one", "/two"] {
+        assert_eq!(c.get("tr-grpc", path).await.status, 200);
+    }
+
+    let spans = collector.wait_spans(2).await;
+    assert!(spans.iter().all(|s| s.transport == "grpc"), "{spans:#?}");
+    let first = one(&spans, |s| s.attributes["url.path"] == "/one");
+    assert_eq!(first.kind, CLIENT);
+    assert_eq!(first.service, "tr-g");
+    assert_eq!(first.attributes["target.agent"], "tr-grpc");
+    assert_eq!(first.attributes["http.response.status_code"], "200");
+    // The span that arrived over gRPC is the one whose context the app received.
+    let (trace, parent, flags) = traceparent_of(&app);
+    let second = one(&spans, |s| s.attributes["url.path"] == "/two");
+    assert_eq!(
+        (trace, parent, flags),
+        (second.trace_id.clone(), second.span_id.clone(), "01".into())
+    );
+    wait_for_metric(
+        sidecar.admin(),
+        "agent_trace_spans_exported_total",
+        &[],
+        2.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_answering_grpc_errors_counts_the_spans_dropped() {
+    // UNAVAILABLE, in the trailers of an HTTP 200 answer, as a gRPC server refuses.
+    let collector = otlp::refusing_grpc_collector(14).await;
+    let app = server::fixed(200, "ok").run().await;
+    let snap = snapshot(1).service(service("tr-gerr").endpoint(app.addr()));
+    // The real binary: its metrics are its own (in-process sidecars share one recorder).
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&otlp::grpc_trace_bootstrap(&collector.endpoint()))
+        .spawn()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    for _ in 0..5 {
+        assert_eq!(c.get("tr-gerr", "/").await.status, 200);
+    }
+    collector.wait_refused(1).await;
+    // Every span the collector refused is counted as dropped, none as exported.
+    let dropped = wait_for_metric(
+        sidecar.admin(),
+        "agent_trace_spans_dropped_total",
+        &[("reason", "export_failed")],
+        5.0,
+    )
+    .await;
+    assert_eq!(dropped, 5.0);
+    let text = scrape(sidecar.admin()).await;
+    assert!(
+        metric_value(&text, "agent_trace_spans_exported_total", &[]).unwrap_or(0.0) == 0.0,
+        "{text}"
+    );
+    assert!(collector.spans().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_collector_that_never_answers_delays_no_request() {
+    let collector = otlp::hanging_collector().await;
+    let app = server::fixed(200, "ok").run().await;
+    let snap = snapshot(1).service(service("tr-ghang").endpoint(app.addr()));
+    let boot = format!(
+        "{}queue_size = 4\nmax_batch = 2\nexport_timeout = \"200ms\"\n",
+        otlp::grpc_trace_bootstrap(&collector.endpoint())
+    );
+    let sidecar = proxy::builder()
+        .snapshot(with_sampling(snap.to_toml(), "1.0"))
+        .bootstrap_extra(&boot)
+        .spawn()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(c.get("tr-ghang", "/").await.status, 200);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // The queue overflowed while a call hung, and the hung calls timed out: both counted.
+    wait_for_metric(
+        sidecar.admin(),
+        "agent_trace_spans_dropped_total",
+        &[("reason", "queue_full")],
+        1.0,
+    )
+    .await;
+    wait_for_metric(
+        sidecar.admin(),
+        "agent_trace_spans_dropped_total",
+        &[("reason", "export_failed")],
+        1.0,
+    )
+    .await;
 }

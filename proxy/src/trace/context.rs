@@ -3,7 +3,9 @@
 //! and translated to W3C. A header that does not parse is never forwarded as it came: it is
 //! removed and the request starts a new trace.
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use std::cell::Cell;
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
@@ -57,21 +59,23 @@ impl TraceContext {
         out[52] = b'-';
         out[53] = b'0';
         out[54] = if self.sampled { b'1' } else { b'0' };
-        HeaderValue::from_bytes(&out).expect("hex digits and dashes")
+        // The value owns the array: one allocation, and clones (the retry layer keeps a copy
+        // of the head) share it, where a copied slice is copied again on its first clone.
+        HeaderValue::from_maybe_shared(Bytes::from_owner(out)).expect("hex digits and dashes")
     }
 
-    pub fn trace_id_hex(&self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        hex(&self.trace_id, &mut out);
-        out
-    }
-
-    pub fn span_id_hex(&self) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        hex(&self.span_id, &mut out);
+    /// `,"trace_id":"<32 hex>","span_id":"<16 hex>"`: the access line's fields, in one piece.
+    pub fn log_fields(&self) -> [u8; LOG_FIELDS] {
+        let mut out =
+            *b",\"trace_id\":\"................................\",\"span_id\":\"................\"";
+        hex(&self.trace_id, &mut out[13..45]);
+        hex(&self.span_id, &mut out[58..74]);
         out
     }
 }
+
+/// Length of [`TraceContext::log_fields`].
+pub const LOG_FIELDS: usize = 75;
 
 /// Reads the W3C context of a request; a malformed `traceparent` is removed (and its
 /// `tracestate` with it). With `b3`, B3 headers are read when there is no valid `traceparent`,
@@ -269,22 +273,58 @@ fn valid_tracestate(v: &[u8]) -> bool {
     members > 0 && members <= MAX_TRACESTATE_MEMBERS
 }
 
+thread_local! {
+    /// The id generator's state on this thread (0: not seeded yet). Const-initialised, so a
+    /// request's ids cost one thread-local access and three wyrand steps, no lock or syscall.
+    static IDS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn with_ids<R>(f: impl FnOnce(&mut fastrand::Rng) -> R) -> R {
+    IDS.with(|state| {
+        let mut rng = match state.get() {
+            0 => fastrand::Rng::new(),
+            seed => fastrand::Rng::with_seed(seed),
+        };
+        let out = f(&mut rng);
+        state.set(rng.get_seed());
+        out
+    })
+}
+
+/// A random trace id and span id for a trace that starts here, neither all zeros.
+pub fn new_ids() -> ([u8; 16], [u8; 8]) {
+    with_ids(|rng| {
+        (
+            nonzero_u128(rng).to_be_bytes(),
+            nonzero_u64(rng).to_be_bytes(),
+        )
+    })
+}
+
 /// A random trace id that is not all zeros.
 pub fn new_trace_id() -> [u8; 16] {
-    loop {
-        let id = fastrand::u128(..);
-        if id != 0 {
-            return id.to_be_bytes();
-        }
-    }
+    with_ids(nonzero_u128).to_be_bytes()
 }
 
 /// A random span id that is not all zeros.
 pub fn new_span_id() -> [u8; 8] {
+    with_ids(nonzero_u64).to_be_bytes()
+}
+
+fn nonzero_u128(rng: &mut fastrand::Rng) -> u128 {
     loop {
-        let id = fastrand::u64(..);
+        let id = rng.u128(..);
         if id != 0 {
-            return id.to_be_bytes();
+            return id;
+        }
+    }
+}
+
+fn nonzero_u64(rng: &mut fastrand::Rng) -> u64 {
+    loop {
+        let id = rng.u64(..);
+        if id != 0 {
+            return id;
         }
     }
 }
@@ -337,6 +377,23 @@ mod tests {
         assert_eq!(ctx.traceparent(), TP);
         let out = parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00");
         assert!(!out.unwrap().sampled);
+    }
+
+    #[test]
+    fn the_access_line_fields_name_both_ids() {
+        let ctx = parse_traceparent(TP.as_bytes()).unwrap();
+        assert_eq!(
+            &ctx.log_fields(),
+            b",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\",\"span_id\":\"00f067aa0ba902b7\""
+        );
+    }
+
+    #[test]
+    fn ids_are_random_and_never_zero() {
+        let (a, b) = (new_ids(), new_ids());
+        assert_ne!(a, b);
+        assert!(a.0 != [0; 16] && a.1 != [0; 8]);
+        assert_ne!(new_span_id(), new_span_id());
     }
 
     #[test]
@@ -399,7 +456,10 @@ mod tests {
             ),
         );
         let got = extract(&mut h, true).parent.unwrap();
-        assert_eq!(&got.trace_id_hex(), b"80f198ee56343ba864fe8b2a57d3eff7");
+        assert_eq!(
+            got.trace_id,
+            unhex::<16>(b"80f198ee56343ba864fe8b2a57d3eff7").unwrap()
+        );
         assert!(got.sampled);
         assert!(!h.contains_key(B3));
 
@@ -408,7 +468,10 @@ mod tests {
         h.insert(B3_SPAN_ID, HeaderValue::from_static("e457b5a2e4d86bd1"));
         h.insert(B3_SAMPLED, HeaderValue::from_static("1"));
         let got = extract(&mut h, true).parent.unwrap();
-        assert_eq!(&got.trace_id_hex(), b"000000000000000064fe8b2a57d3eff7");
+        assert_eq!(
+            got.trace_id,
+            unhex::<16>(b"000000000000000064fe8b2a57d3eff7").unwrap()
+        );
         assert!(got.sampled);
         assert!(h.is_empty(), "{h:?}");
 

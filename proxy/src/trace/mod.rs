@@ -3,7 +3,8 @@
 //! context), the retry loop (one span per attempt), the callee's sidecar (`server.rs`: the
 //! server span, a child of the caller's client span, whose context the app receives), and the
 //! Ollama gateway (queue and generation spans). Spans end with the access record, when the
-//! response body ends, and leave through the bounded exporter queue (`export.rs`).
+//! response body ends, and leave through the bounded exporter queue (`export/`: OTLP/HTTP, or
+//! OTLP/gRPC when the bootstrap asks).
 //!
 //! Sampling is parent-based: a parent's decision (`sampled` flag) is kept; a new trace is
 //! sampled by the policy's `[trace] sampling` ratio for this sidecar's phase, read from each
@@ -134,7 +135,7 @@ impl Tracer {
 
     /// The Rule 28 attributes every span of this sidecar carries.
     pub fn identity(&self, span: &mut Span) {
-        span.set(KeyValue::new("agent.id", self.agent.to_string()));
+        span.set(KeyValue::new("agent.id", client::shared(&self.agent)));
         span.set(KeyValue::new("agent.phase", self.phase.as_str()));
     }
 }
@@ -144,10 +145,10 @@ pub fn begin(tracer: &Tracer, parent: Option<TraceContext>) -> TraceContext {
     match parent {
         Some(p) => p.child(),
         None => {
-            let trace_id = context::new_trace_id();
+            let (trace_id, span_id) = context::new_ids();
             TraceContext {
                 trace_id,
-                span_id: context::new_span_id(),
+                span_id,
                 sampled: tracer.sample_root(&trace_id),
             }
         }

@@ -3,7 +3,7 @@
 //! child of the caller's client span, and hands the app (or Ollama) the server span's context.
 //! Sits right below the local target and above the access log, which ends the span.
 
-use super::client::{method_name, request_attributes};
+use super::client::{method_name, request_attributes, shared};
 use super::context;
 use super::span::{Kind, Span};
 use super::{begin, Pending, Recording, Tracer};
@@ -73,8 +73,8 @@ where
             tracer.identity(&mut span);
             request_attributes(&mut span, &req);
             span.set(KeyValue::new("url.scheme", "http"));
-            span.set(KeyValue::new("server.address", tracer.agent.to_string()));
-            span.set(KeyValue::new("target.agent", tracer.agent.to_string()));
+            span.set(KeyValue::new("server.address", shared(&tracer.agent)));
+            span.set(KeyValue::new("target.agent", shared(&tracer.agent)));
             if let Some(caller) = req
                 .headers()
                 .get(CALLER_HEADER)
