@@ -22,6 +22,7 @@ import re
 import resource
 import shutil
 import signal
+import ssl
 import socket
 import subprocess
 import sys
@@ -145,8 +146,12 @@ def smaps_kib(pid):
     return v["Anonymous:"], v["Rss:"] - v["Anonymous:"]
 
 
-def http_get(port, path="/", host=None, timeout=1.0):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def http_get(port, path="/", host=None, timeout=1.0, ca=None):
+    if ca is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    else:
+        ctx = ssl.create_default_context(cafile=ca)
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
     try:
         headers = {"Host": host} if host else {}
         conn.request("GET", path, headers=headers)
@@ -157,7 +162,7 @@ def http_get(port, path="/", host=None, timeout=1.0):
         conn.close()
 
 
-def wait_ready(proc, port, path="/", host=None, expect_body=None, timeout=10.0):
+def wait_ready(proc, port, path="/", host=None, expect_body=None, timeout=10.0, ca=None):
     """Poll until GET returns 200 (bounded); fail with the process's log if it does not."""
     deadline = time.monotonic() + timeout
     last = None
@@ -165,7 +170,7 @@ def wait_ready(proc, port, path="/", host=None, expect_body=None, timeout=10.0):
         if proc.poll() is not None:
             break
         try:
-            status, body = http_get(port, path, host)
+            status, body = http_get(port, path, host, ca=ca)
             if status == 200 and (expect_body is None or body == expect_body):
                 return
             last = f"status {status}, body {body[:120]!r}"
@@ -313,7 +318,7 @@ def write_mesh_config(tmp, agent, outbound, admin, snapshot_services, inbound=No
         # Snapshots and the certificate from the control process; the file above is only the
         # first snapshot.
         boot += ["[control]", f'address = "{control.address}"', 'wait = "5s"',
-                 'max_backoff = "100ms"', "", "[identity]",
+                 'max_backoff = "100ms"', f'ca_file = "{control.ca_file}"', "", "[identity]",
                  f'token_file = "{control.token_file(agent)}"', ""]
     path = os.path.join(tmp, f"{agent}-bootstrap.toml")
     with open(path, "w") as f:
@@ -428,7 +433,9 @@ class Control:
             "--ca-cert", ca.cert, "--ca-key", ca.key, "--trust-domain", ca.trust_domain,
             "--cert-lifetime", "12h", "--log", "warn"],
             os.path.join(tmp, "control.out"), LOADGEN_CORE)
-        wait_ready(self.proc, int(self.address.rsplit(":", 1)[1]), path="/health")
+        # With the mesh CA the channel is TLS, under a certificate of that CA.
+        self.ca_file = ca.cert
+        wait_ready(self.proc, int(self.address.rsplit(":", 1)[1]), path="/health", ca=ca.cert)
 
     def token_file(self, agent):
         return os.path.join(self.tmp, f"{agent}.token")
