@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 const TOKEN_A: &str = "token-of-agent-a-0123456789";
 const TOKEN_B: &str = "token-of-agent-b-0123456789";
+const TOKEN_C: &str = "token-of-agent-c-0123456789";
 
 fn mode(m: &str) -> String {
     format!("[identity]\nmode = {m:?}\n")
@@ -191,6 +192,40 @@ async fn callers_without_a_good_certificate_are_refused_and_counted() {
         .is_none());
     let text = scrape(b.admin()).await;
     assert!(refused(&text, "no_certificate") >= 1.0);
+}
+
+/// The caller's side checks that the peer is the agent it dialled: an endpoint of `b` that
+/// answers with c's certificate (a stale catalog entry, an address taken over) gets no request,
+/// though its certificate comes from the mesh CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_holding_another_agents_certificate_gets_no_request() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app = server::echo().run().await;
+    let control = control::builder()
+        .identity(&[("a", TOKEN_A), ("c", TOKEN_C)], Duration::from_secs(3600))
+        .policy_file("identity.toml", &mode("strict"))
+        .catalog(&catalog(&[("b", "critical", &[control::NOT_LISTENING])]))
+        .start()
+        .await;
+    let c = sidecar(&control, "c", TOKEN_C, Some(app.addr()), dir.path()).await;
+    let a = sidecar(&control, "a", TOKEN_A, None, dir.path()).await;
+    let before = control.version();
+    control.write_catalog(&catalog(&[(
+        "b",
+        "critical",
+        &[c.inbound().expect("c listens")],
+    )]));
+    let version = control.wait_version_after(before).await;
+    control.wait_applied(version, 2).await;
+
+    let reply = client::http1(a.outbound()).get("b", "/").await;
+    assert!(
+        matches!(reply.status.as_u16(), 502 | 503),
+        "{} {}",
+        reply.status,
+        reply.text()
+    );
+    assert_eq!(app.requests(), 0, "nothing reached the app behind c");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
