@@ -248,9 +248,27 @@ async fn a_running_mesh_moves_from_permissive_to_strict_without_failed_requests(
     )
     .await;
 
-    // Permissive: a plaintext caller still gets through, and is counted.
+    // Permissive: a plaintext caller still gets through, and is counted; what it claims to be
+    // is not believed, so the app sees no caller.
     let inbound = b.inbound().expect("b listens");
-    assert_eq!(client::http1(inbound).get("b", "/").await.status, 200);
+    let plain = client::http1(inbound);
+    let claim = plain
+        .request(http::Method::GET, "b", "/")
+        .header("x-mesh-caller", "senior-ai-engineer")
+        .header(
+            "x-forwarded-client-cert",
+            "By=spiffe://mesh/agent/senior-ai-engineer",
+        )
+        .body(mesh_tests::body::empty())
+        .unwrap();
+    assert_eq!(plain.send(claim).await.status, 200);
+    assert_eq!(last_caller(&app), None);
+    assert!(app
+        .request_headers()
+        .last()
+        .unwrap()
+        .get("x-forwarded-client-cert")
+        .is_none());
     wait_for_metric(
         b.admin(),
         "agent_inbound_plaintext_requests_total",

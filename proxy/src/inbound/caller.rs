@@ -2,9 +2,12 @@
 //! connection's certificate names: any `x-mesh-caller` (or `x-forwarded-client-cert`) the
 //! caller sent is dropped and `x-mesh-caller` set from the certificate, so the app and the
 //! Ollama gateway rank and log the verified caller. A plaintext caller, on a sidecar that
-//! answers TLS, is refused with 403 `mtls_required` when the mesh is `strict` and counted
-//! when it is `permissive` (its `x-mesh-caller` then passes as sent, as before the
-//! migration).
+//! answers TLS, is refused with 403 `mtls_required` when the mesh is `strict`. When it is
+//! `permissive` the call is served and counted, but what it claims is not believed: its
+//! `x-mesh-caller` is dropped, so the app, the authorization policy and the Ollama gateway see
+//! an anonymous caller (Istio's permissive mode likewise gives plaintext requests no
+//! principal). Otherwise any process that reaches the port could claim a critical agent's
+//! place in the Ollama queue or pass a rule that names an agent.
 
 use crate::body::ProxyBody;
 use crate::identity::Identity;
@@ -82,6 +85,11 @@ where
                 MtlsMode::Permissive => {
                     ::metrics::counter!(crate::metrics::INBOUND_PLAINTEXT, "result" => "accepted")
                         .increment(1);
+                    let headers = req.headers_mut();
+                    headers.remove(&XFCC);
+                    if let Some(claimed) = headers.remove(CALLER_HEADER) {
+                        tracing::debug!(?claimed, "a plaintext caller's claimed identity dropped");
+                    }
                     Either::Left(self.inner.call(req))
                 }
                 MtlsMode::Strict => {

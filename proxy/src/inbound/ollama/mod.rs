@@ -3,9 +3,10 @@
 //! reads the caller's identity and limits (`limits`), queues by phase and caller (`queue`,
 //! owned by the `dispatch` task) and sends admitted requests to Ollama (`gateway`).
 //!
-//! Callers are named by the `x-mesh-caller` header their own sidecar sets (it overwrites
-//! whatever the agent sent). The gateway trusts that header from any peer that reaches its
-//! port; mTLS between sidecars will bind it to the peer's certificate.
+//! Callers are named by `x-mesh-caller`. With identity on, the inbound side has already set it
+//! from the caller's certificate, or dropped it for a plaintext caller (`inbound::caller`), so
+//! a caller without a certificate ranks as anonymous. Without identity the header is the one
+//! the caller's own sidecar set (it overwrites whatever the agent sent).
 
 pub mod dispatch;
 pub mod gateway;
