@@ -403,6 +403,43 @@ async fn breaker_fallbacks_and_deadlines_are_span_events() {
     assert!(expired.error);
 }
 
+/// A call the caller's own rate limit refuses is still a span, with the refusal as an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_call_is_a_span_with_the_refusal_event() {
+    let collector = otlp::collector().await;
+    let ollama = mesh_tests::ollama::fake().chunks(0).run().await;
+    let snap = format!(
+        "version = 1\n\n[[services]]\nname = \"ollama\"\nendpoints = [\"{}\"]\n\n\
+         [ollama.rate_limit]\nspecialized = \"1/m\"\n",
+        ollama.addr()
+    );
+    let sidecar = proxy::builder()
+        .agent("chatty")
+        .phase("specialized")
+        .snapshot(with_sampling(snap, "1.0"))
+        .bootstrap_extra(&otlp::trace_bootstrap(&collector.endpoint()))
+        .start()
+        .await;
+    let c = client::http1(sidecar.outbound());
+    let generate = || {
+        c.request(http::Method::POST, "ollama", "/api/generate")
+            .body(mesh_tests::body::full("{\"prompt\":\"p\"}"))
+            .unwrap()
+    };
+    assert_eq!(c.send(generate()).await.status, 200);
+    let over = c.send(generate()).await;
+    assert_eq!(over.status, 429, "{}", over.text());
+
+    let spans = collector.wait_spans(2).await;
+    let refused = spans
+        .iter()
+        .find(|s| s.events.iter().any(|e| e == "rate_limit.refused"))
+        .unwrap_or_else(|| panic!("no rate_limit.refused event: {spans:#?}"));
+    assert_eq!(refused.attributes["http.response.status_code"], "429");
+    assert_eq!(refused.attributes["agent.id"], "chatty");
+    assert_eq!(ollama.prompts(), ["p"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_arrive_over_grpc_when_the_bootstrap_asks() {
     let collector = otlp::collector().await;
