@@ -74,6 +74,11 @@ impl Site {
 
     /// Runs deploy.sh; `errors` are agents whose sidecars report a 50 % error rate.
     fn deploy(&self, phase: &str, errors: &str) -> (Output, Vec<String>) {
+        self.deploy_with(phase, errors, "")
+    }
+
+    /// As [`Site::deploy`]; the services named in `unhealthy` report unhealthy.
+    fn deploy_with(&self, phase: &str, errors: &str, unhealthy: &str) -> (Output, Vec<String>) {
         let standin = self.dir.path().join("standin");
         let _ = std::fs::remove_file(standin.join("calls"));
         let path = format!(
@@ -87,6 +92,7 @@ impl Site {
             .env("PATH", path)
             .env("STANDIN_DIR", &standin)
             .env("STANDIN_ERRORS", errors)
+            .env("STANDIN_UNHEALTHY", unhealthy)
             .env("DEPLOY_POLL_SECONDS", "0")
             .env("DEPLOY_STATE_DIR", self.dir.path().join("state"))
             .output()
@@ -207,6 +213,46 @@ fn a_failing_canary_is_removed_and_the_run_stops() {
     assert!(calls
         .iter()
         .any(|c| c.ends_with("rm --force agent-orchestrator agent-orchestrator-sidecar")));
+}
+
+#[test]
+fn a_phase_that_fails_after_its_canary_passed_is_rolled_back_and_the_run_stops() {
+    let site = Site::new();
+    let mut critical: Vec<String> = registry()
+        .agents
+        .iter()
+        .filter(|a| a.phase.as_str() == "critical")
+        .map(|a| a.name.clone())
+        .collect();
+    critical.sort();
+    // The canary (the first in name order) is healthy; the second agent of the phase is not.
+    let sick = &critical[1];
+    let (out, calls) = site.deploy_with("all", "", sick);
+    assert_eq!(out.status.code(), Some(1), "{}", log(&out));
+    let text = log(&out);
+    assert!(text.contains("canary healthy"), "{text}");
+    assert!(
+        text.contains(&format!("phase 'critical' not healthy after 0s: {sick}")),
+        "{text}"
+    );
+    let ups = started(&calls);
+    assert_eq!(
+        ups.len(),
+        3,
+        "infrastructure, the canary, the rest: {ups:?}"
+    );
+    // Never deployed before: the whole phase is removed, the canary with it, and no later
+    // phase starts.
+    let removal = calls
+        .iter()
+        .find(|c| c.contains(" rm --force "))
+        .unwrap_or_else(|| panic!("the phase was not removed: {calls:?}"));
+    for agent in &critical {
+        assert!(
+            removal.contains(&format!(" {agent} ")) || removal.ends_with(&format!(" {agent}")),
+            "{agent} not removed: {removal}"
+        );
+    }
 }
 
 #[test]
