@@ -281,18 +281,34 @@ async fn the_callee_sidecars_refusals_are_unavailable_and_leave_the_breaker_clos
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_failing_in_its_trailers_after_a_200_head_counts_for_the_breaker() {
     // grpcio streams a message, then ends the call UNAVAILABLE: the 200 head looked fine, the
-    // trailers say otherwise. Two such calls open A's breaker for b, as two 503s would.
-    let hops = two_hops(|svc| {
-        svc.policy("retry", "{ max_attempts = 1 }").policy(
-            "breaker",
-            "{ consecutive_failures = 2, failure_ratio = 0.0, cooldown = \"30s\" }",
-        )
-    })
-    .await;
-    let addr = hops.a.outbound().to_string();
+    // trailers say otherwise. Two such calls open A's breaker for the target, as two 503s
+    // would. The target has a name of its own: the in-process sidecars of this file share one
+    // metrics registry, and other tests open and close breakers for `b`.
+    let app = python::server("grpc_server.py", &[]).await;
+    let b = proxy::builder()
+        .agent("b")
+        .inbound_app(app.addr)
+        .start()
+        .await;
+    let snap = snapshot(1).service(
+        service("b-trailers")
+            .http2()
+            .endpoint(b.inbound())
+            .policy("retry", "{ max_attempts = 1 }")
+            .policy(
+                "breaker",
+                "{ consecutive_failures = 2, failure_ratio = 0.0, cooldown = \"30s\" }",
+            ),
+    );
+    let a = proxy::builder()
+        .agent("a")
+        .snapshot(snap.to_toml())
+        .start()
+        .await;
+    let addr = a.outbound().to_string();
     let stream = |payload: &'static str| {
         let addr = addr.clone();
-        async move { python::run("grpc_client.py", &[&addr, "b", "stream", payload]).await }
+        async move { python::run("grpc_client.py", &[&addr, "b-trailers", "stream", payload]).await }
     };
     // A call that ends OK in its trailers leaves the breaker closed.
     let ok = stream("2").await;
@@ -303,9 +319,9 @@ async fn a_call_failing_in_its_trailers_after_a_200_head_counts_for_the_breaker(
         assert_eq!(out["items"], serde_json::json!(["item-0"]), "{out}");
     }
     mesh_tests::metrics::wait_for_metric(
-        hops.a.admin(),
+        a.admin(),
         "agent_circuit_breaker_state",
-        &[("target", "b"), ("endpoint", "")],
+        &[("target", "b-trailers"), ("endpoint", "")],
         1.0,
     )
     .await;
@@ -317,5 +333,5 @@ async fn a_call_failing_in_its_trailers_after_a_200_head_counts_for_the_breaker(
             .is_some_and(|d| d.contains("circuit breaker")),
         "{open}"
     );
-    drop(hops.app);
+    drop(app);
 }
