@@ -56,7 +56,7 @@ async fn run(app: std::net::SocketAddr, case: &Case) -> Outcome {
         kinds: BTreeMap::new(),
     };
     for _ in 0..RUNS {
-        let svc = Replicas::start(app, 2, case.policy).await;
+        let svc = Replicas::start(SERVICE, app, 2, case.policy).await;
         let c = client::http1(svc.caller.outbound());
         let make: MakeRequest = if case.post {
             load::post(c, SERVICE, "/")

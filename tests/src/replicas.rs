@@ -5,7 +5,7 @@
 //!
 //! ```ignore
 //! let app = server::fixed(200, "ok").run().await;
-//! let mut svc = Replicas::start(app.addr(), 2, |s| s).await;
+//! let mut svc = Replicas::start("b-killed", app.addr(), 2, |s| s).await;
 //! let mut load = Load::start(client::http1(svc.caller.outbound()), 8, load::get(..));
 //! svc.wait_served(1, 20).await;
 //! svc.kill(1);
@@ -17,19 +17,24 @@ use crate::snapshot::{service, snapshot, ServiceToml};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-/// The service's name in the caller's snapshot.
+/// A name for the service where one run has the test binary to itself.
 pub const SERVICE: &str = "b";
 
-/// The replicas of service `b` and the caller's sidecar in front of them.
+/// The replicas of one service and the caller's sidecar in front of them.
 pub struct Replicas {
+    /// The service's name in the caller's snapshot. Tests of one binary that run together
+    /// give theirs different names: the in-process callers share one metrics registry, and
+    /// breaker and ejection series are labelled by target only.
+    pub service: &'static str,
     pub caller: TestProxy,
     pub replicas: Vec<ProxyProcess>,
 }
 
 impl Replicas {
     /// Spawns `n` inbound sidecars in front of `app` and a caller whose snapshot lists them as
-    /// the endpoints of `b`; `policy` adds the service's resilience settings.
+    /// the endpoints of `service`; `policy` adds the service's resilience settings.
     pub async fn start(
+        service_name: &'static str,
         app: SocketAddr,
         n: usize,
         policy: impl FnOnce(ServiceToml) -> ServiceToml,
@@ -41,7 +46,7 @@ impl Replicas {
                 .spawn()
         });
         let replicas = futures_util::future::join_all(spawns).await;
-        let mut svc = service(SERVICE).http2();
+        let mut svc = service(service_name).http2();
         for r in &replicas {
             svc = svc.endpoint(r.inbound().expect("a replica has an inbound listener"));
         }
@@ -50,7 +55,11 @@ impl Replicas {
             .snapshot(snapshot(1).service(policy(svc)).to_toml())
             .start()
             .await;
-        Self { caller, replicas }
+        Self {
+            service: service_name,
+            caller,
+            replicas,
+        }
     }
 
     /// Waits until replica `i` has answered at least `n` requests, so that losing it hits

@@ -6,7 +6,7 @@ use mesh_tests::client;
 use mesh_tests::load::{self, Load};
 use mesh_tests::metrics::{metric_value, scrape};
 use mesh_tests::proxy;
-use mesh_tests::replicas::{Replicas, SERVICE};
+use mesh_tests::replicas::Replicas;
 use mesh_tests::server;
 use mesh_tests::snapshot::{service, snapshot};
 use std::net::SocketAddr;
@@ -36,9 +36,9 @@ fn target_breaker_opened(text: &str, target: &str) -> f64 {
 async fn a_killed_replica_fails_no_idempotent_request() {
     let app = server::fixed(200, "ok").label("app").run().await;
     for run in 0..RUNS {
-        let svc = Replicas::start(app.addr(), 2, |s| s).await;
+        let svc = Replicas::start("b-killed", app.addr(), 2, |s| s).await;
         let c = client::http1(svc.caller.outbound());
-        let mut load = Load::start(c, CALLERS, load::get(c, SERVICE, "/"));
+        let mut load = Load::start(c, CALLERS, load::get(c, svc.service, "/"));
         svc.wait_served(1, 20).await;
         svc.kill(1);
         let after = load.completed() + 400;
@@ -46,7 +46,7 @@ async fn a_killed_replica_fails_no_idempotent_request() {
         let report = load.stop().await;
         assert!(report.failures.is_empty(), "run {run}: {report}");
         let text = scrape(svc.caller.admin()).await;
-        assert_eq!(target_breaker_opened(&text, SERVICE), 0.0, "run {run}");
+        assert_eq!(target_breaker_opened(&text, svc.service), 0.0, "run {run}");
     }
 }
 
@@ -57,26 +57,30 @@ async fn a_killed_replica_fails_no_idempotent_request() {
 async fn a_frozen_replica_fails_no_idempotent_request() {
     let app = server::fixed(200, "ok").label("app").run().await;
     for run in 0..RUNS {
-        let svc = Replicas::start(app.addr(), 2, |s| {
+        let svc = Replicas::start("b-frozen", app.addr(), 2, |s| {
             s.timeout("5s")
                 .policy("retry", "{ max_attempts = 3, per_try_timeout = \"500ms\" }")
         })
         .await;
         let c = client::http1(svc.caller.outbound());
-        let mut load = Load::start(c, CALLERS, load::get(c, SERVICE, "/"));
+        let mut load = Load::start(c, CALLERS, load::get(c, svc.service, "/"));
         svc.wait_served(1, 20).await;
+        // The count goes on from the runs before (one registry for the test binary).
+        let admin = svc.caller.admin();
+        let ejections = |text: &str| {
+            metric_value(
+                text,
+                "agent_endpoint_ejections_total",
+                &[("target", "b-frozen")],
+            )
+            .unwrap_or(0.0)
+        };
+        let before = ejections(&scrape(admin).await);
         svc.freeze(1);
         // The healthy replica can serve hundreds of requests before the first per-try timeout
         // on the frozen one fires, so ejection is awaited under load, not read at a fixed count.
-        let admin = svc.caller.admin();
         mesh_tests::eventually("the frozen replica to be ejected", || async move {
-            let text = scrape(admin).await;
-            let ejected = metric_value(
-                &text,
-                "agent_endpoint_ejections_total",
-                &[("target", SERVICE)],
-            );
-            (ejected >= Some(1.0)).then_some(())
+            (ejections(&scrape(admin).await) > before).then_some(())
         })
         .await;
         let after = load.completed() + 400;
@@ -84,7 +88,7 @@ async fn a_frozen_replica_fails_no_idempotent_request() {
         let report = load.stop().await;
         assert!(report.failures.is_empty(), "run {run}: {report}");
         let text = scrape(svc.caller.admin()).await;
-        assert_eq!(target_breaker_opened(&text, SERVICE), 0.0, "run {run}");
+        assert_eq!(target_breaker_opened(&text, svc.service), 0.0, "run {run}");
     }
 }
 
@@ -154,9 +158,9 @@ async fn every_endpoint_dead_opens_the_target_breaker_and_serves_the_fallback() 
 async fn a_killed_replica_fails_only_the_posts_written_to_it() {
     let app = server::fixed(200, "ok").label("app").run().await;
     for run in 0..RUNS / 4 {
-        let svc = Replicas::start(app.addr(), 2, |s| s).await;
+        let svc = Replicas::start("b-posts", app.addr(), 2, |s| s).await;
         let c = client::http1(svc.caller.outbound());
-        let mut load = Load::start(c, CALLERS, load::post(c, SERVICE, "/"));
+        let mut load = Load::start(c, CALLERS, load::post(c, svc.service, "/"));
         svc.wait_served(1, 20).await;
         svc.kill(1);
         let after = load.completed() + 400;
@@ -173,7 +177,7 @@ async fn a_killed_replica_fails_only_the_posts_written_to_it() {
             );
         }
         let text = scrape(svc.caller.admin()).await;
-        assert_eq!(target_breaker_opened(&text, SERVICE), 0.0, "run {run}");
+        assert_eq!(target_breaker_opened(&text, svc.service), 0.0, "run {run}");
     }
 }
 
@@ -183,15 +187,15 @@ async fn a_killed_replica_fails_only_the_posts_written_to_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_replica_is_found_out_by_its_silence() {
     let app = server::fixed(200, "ok").label("app").run().await;
-    let svc = Replicas::start(app.addr(), 2, |s| s).await;
+    let svc = Replicas::start("b-silent", app.addr(), 2, |s| s).await;
     let c = client::http1(svc.caller.outbound());
-    let mut load = Load::start(c, CALLERS, load::get(c, SERVICE, "/"));
+    let mut load = Load::start(c, CALLERS, load::get(c, svc.service, "/"));
     svc.wait_served(1, 20).await;
     svc.freeze(1);
     mesh_tests::metrics::wait_for_metric(
         svc.caller.admin(),
         "agent_endpoint_ejections_total",
-        &[("target", SERVICE)],
+        &[("target", svc.service)],
         1.0,
     )
     .await;
@@ -200,5 +204,5 @@ async fn a_frozen_replica_is_found_out_by_its_silence() {
     let report = load.stop().await;
     assert!(report.failures.is_empty(), "{report}");
     let text = scrape(svc.caller.admin()).await;
-    assert_eq!(target_breaker_opened(&text, SERVICE), 0.0);
+    assert_eq!(target_breaker_opened(&text, svc.service), 0.0);
 }

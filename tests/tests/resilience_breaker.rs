@@ -128,13 +128,13 @@ async fn fallback_target_takes_the_request_while_open() {
 /// answers that look fine by their status are judged when the body ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_broken_off_after_a_good_head_open_it() {
-    let up = server::streaming().label("brk-s").run().await;
-    let snap = snapshot(1).service(breaking("brk-s", &up).stream_idle_timeout("200ms"));
+    let up = server::streaming().label("brk-idle").run().await;
+    let snap = snapshot(1).service(breaking("brk-idle", &up).stream_idle_timeout("200ms"));
     let proxy = proxy::builder().snapshot(snap.to_toml()).start().await;
     let c = client::http1(proxy.outbound());
     for _ in 0..3 {
         let req = c
-            .request(http::Method::GET, "brk-s", "/")
+            .request(http::Method::GET, "brk-idle", "/")
             .body(mesh_tests::body::empty())
             .unwrap();
         let pending = tokio::spawn(async move { c.send_streaming(req).await });
@@ -149,8 +149,8 @@ async fn streams_broken_off_after_a_good_head_open_it() {
         while let Some(Ok(_)) = mesh_tests::bounded("a frame", body.frame()).await {}
         drop(upstream);
     }
-    wait_state(proxy.admin(), "brk-s", "", 1.0).await;
-    let reply = c.get("brk-s", "/").await;
+    wait_state(proxy.admin(), "brk-idle", "", 1.0).await;
+    let reply = c.get("brk-idle", "/").await;
     assert_eq!(reply.json()["error"], "breaker_open", "{}", reply.text());
     assert_eq!(up.requests(), 3);
 }
