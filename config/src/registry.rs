@@ -35,7 +35,29 @@ pub struct Agent {
     /// What the agent's app speaks on its port; the sidecar's `[inbound] protocol`.
     pub protocol: AppProtocol,
     pub capabilities: Capabilities,
+    /// Targets the agent reaches on a loopback port of their own, besides Ollama on 11434
+    /// (Consul Connect's `upstreams` with `local_bind_port`): a client that cannot set the
+    /// authority, such as a gRPC channel to `localhost:PORT`, reaches its target unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<Upstream>,
 }
+
+/// One entry of an agent's `upstreams`: `service` on `127.0.0.1:port` in the agent's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    pub service: String,
+    pub port: u16,
+}
+
+/// Loopback ports an agent's namespace already uses: its app, Ollama's upstream, the sidecar's
+/// outbound and admin listeners.
+pub const RESERVED_LOCAL_PORTS: [(u16, &str); 4] = [
+    (8080, "the agent's app"),
+    (11434, "the Ollama upstream"),
+    (15001, "the sidecar's outbound listener"),
+    (15090, "the sidecar's admin listener"),
+];
 
 /// The protocol of an agent's app, as its sidecar's inbound side supports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,6 +210,45 @@ impl Registry {
                 return Err(invalid(cap("timeout"), "must be greater than zero"));
             }
         }
+        for (i, a) in self.agents.iter().enumerate() {
+            self.check_upstreams(i, a)?;
+        }
+        Ok(())
+    }
+
+    /// An agent's upstreams name agents of the registry (or `ollama`) on distinct loopback
+    /// ports its namespace does not already use.
+    fn check_upstreams(&self, i: usize, a: &Agent) -> Result<(), Invalid> {
+        use PathSeg::*;
+        let mut seen: BTreeMap<u16, usize> = BTreeMap::new();
+        for (j, u) in a.upstreams.iter().enumerate() {
+            let at = |k| vec![Key("agents"), Index(i), Key("upstreams"), Index(j), Key(k)];
+            let known = u.service == "ollama" || self.agents.iter().any(|b| b.name == u.service);
+            if !known {
+                return Err(invalid(
+                    at("service"),
+                    format!("{:?} is not an agent of the registry", u.service),
+                ));
+            }
+            if u.port < 1024 {
+                return Err(invalid(at("port"), format!("{} is below 1024", u.port)));
+            }
+            if let Some((_, what)) = RESERVED_LOCAL_PORTS.iter().find(|(p, _)| *p == u.port) {
+                return Err(invalid(at("port"), format!("{} is {what}", u.port)));
+            }
+            if u.port == a.port {
+                return Err(invalid(
+                    at("port"),
+                    format!("{} is the agent's own mesh port", u.port),
+                ));
+            }
+            if let Some(first) = seen.insert(u.port, j) {
+                return Err(invalid(
+                    at("port"),
+                    format!("{} is already upstreams[{first}]", u.port),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -234,6 +295,35 @@ mod tests {
         let reg = load_str(Path::new("agents.toml"), AGENT).unwrap();
         assert_eq!(reg.agents[0].capabilities.timeout, Duration::from_secs(120));
         assert_eq!(reg.count(Phase::Critical), 1);
+    }
+
+    #[test]
+    fn upstreams_name_agents_on_free_loopback_ports() {
+        let with = |upstreams: &str| format!("{AGENT}upstreams = [{upstreams}]\n");
+        let reg = load_str(
+            Path::new("agents.toml"),
+            &with("{ service = \"a\", port = 16001 }, { service = \"ollama\", port = 16002 }"),
+        )
+        .unwrap();
+        assert_eq!(reg.agents[0].upstreams[1].port, 16002);
+        assert_eq!(
+            err(&with("{ service = \"nobody\", port = 16001 }")),
+            "agents.toml:8: agents[0].upstreams[0].service: \"nobody\" is not an agent of the registry"
+        );
+        assert_eq!(
+            err(&with("{ service = \"a\", port = 15001 }")),
+            "agents.toml:8: agents[0].upstreams[0].port: 15001 is the sidecar's outbound listener"
+        );
+        assert_eq!(
+            err(&with("{ service = \"a\", port = 10300 }")),
+            "agents.toml:8: agents[0].upstreams[0].port: 10300 is the agent's own mesh port"
+        );
+        assert_eq!(
+            err(&with(
+                "{ service = \"a\", port = 16001 }, { service = \"ollama\", port = 16001 }"
+            )),
+            "agents.toml:8: agents[0].upstreams[1].port: 16001 is already upstreams[0]"
+        );
     }
 
     #[test]

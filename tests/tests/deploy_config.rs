@@ -61,7 +61,9 @@ fn a_hand_edit_is_caught() {
 #[test]
 fn every_sidecar_bootstrap_and_the_seed_snapshot_load() {
     let dir = root().join("deploy/generated/sidecars");
+    let registry = registry();
     let mut gateways = 0;
+    let mut with_upstreams = 0;
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -88,11 +90,34 @@ fn every_sidecar_bootstrap_and_the_seed_snapshot_load() {
         assert_eq!(boot.consul.expect("[consul]").address, "consul:8500");
         if boot.inbound.mode == InboundMode::Ollama {
             gateways += 1;
+        } else {
+            // Ollama on 11434 for every agent, then the registry's own upstreams.
+            let agent = registry
+                .agents
+                .iter()
+                .find(|a| a.name == stem)
+                .unwrap_or_else(|| panic!("{stem} is not in the registry"));
+            let mut want = vec![("ollama".to_owned(), 11434)];
+            want.extend(agent.upstreams.iter().map(|u| (u.service.clone(), u.port)));
+            let got: Vec<_> = boot
+                .upstreams
+                .iter()
+                .map(|u| {
+                    assert!(u.listen.ip().is_loopback(), "{stem}: {}", u.listen);
+                    (u.service.clone(), u.listen.port())
+                })
+                .collect();
+            assert_eq!(got, want, "{stem}");
+            with_upstreams += usize::from(!agent.upstreams.is_empty());
         }
         n += 1;
     }
     assert_eq!(n, 70, "69 agents and the Ollama gateway");
     assert_eq!(gateways, 1);
+    assert!(
+        with_upstreams > 0,
+        "the shipped registry declares upstreams"
+    );
     let snap =
         mesh_config::load::snapshot_file(&root().join("deploy/generated/snapshot.toml")).unwrap();
     assert_eq!(snap.services.len(), 70);

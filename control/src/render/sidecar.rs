@@ -84,8 +84,25 @@ worker_threads = {threads}
 [[upstreams]]
 service = "ollama"
 listen = "127.0.0.1:11434"
-"#
+{upstreams}"#,
+        upstreams = upstreams(agent),
     )
+}
+
+/// The registry's `upstreams` of `agent`: each target on a loopback port of its own.
+fn upstreams(agent: &Agent) -> String {
+    agent
+        .upstreams
+        .iter()
+        .map(|u| {
+            format!(
+                "\n# {service} on a port of its own (registry `upstreams`).\n[[upstreams]]\n\
+                 service = \"{service}\"\nlisten = \"127.0.0.1:{port}\"\n",
+                service = u.service,
+                port = u.port
+            )
+        })
+        .collect()
 }
 
 /// The Ollama gateway's bootstrap: a sidecar in Ollama's namespace, registered as `ollama`.
