@@ -182,8 +182,11 @@ async fn a_killed_replica_fails_only_the_posts_written_to_it() {
 }
 
 /// Without a per-try timeout, a frozen replica is found out by its silence: the sidecar pings
-/// its HTTP/2 connections, and one that leaves a ping unanswered fails its requests, which go to
-/// the other replica; the frozen one is ejected within seconds, and no caller sees an error.
+/// its HTTP/2 connections (after 4 s without a frame), and one that leaves a ping unanswered
+/// for 2 s fails its requests, which are retried on the other replica; no caller sees an error.
+/// The balancer then all but stops sending to it (its latency sample is seconds), so with the
+/// default ejection (5 failures in a row) it is ejected only after about five such cycles,
+/// ~50 s; a per-try timeout ejects it within a second (the test above).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_replica_is_found_out_by_its_silence() {
     let app = server::fixed(200, "ok").label("app").run().await;
@@ -192,11 +195,23 @@ async fn a_frozen_replica_is_found_out_by_its_silence() {
     let mut load = Load::start(c, CALLERS, load::get(c, svc.service, "/"));
     svc.wait_served(1, 20).await;
     svc.freeze(1);
-    mesh_tests::metrics::wait_for_metric(
-        svc.caller.admin(),
-        "agent_endpoint_ejections_total",
-        &[("target", svc.service)],
-        1.0,
+    // The first request that the unanswered ping failed, retried: about 6 s after the freeze,
+    // more than `eventually`'s bound leaves on a slow machine.
+    let admin = svc.caller.admin();
+    mesh_tests::bounded_by(
+        std::time::Duration::from_secs(30),
+        "a request on the frozen replica to fail its ping and be retried",
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+            loop {
+                tick.tick().await;
+                let text = scrape(admin).await;
+                let retried = metric_value(&text, "agent_retries_total", &[("target", "b-silent")]);
+                if retried >= Some(1.0) {
+                    break;
+                }
+            }
+        },
     )
     .await;
     let after = load.completed() + 400;
