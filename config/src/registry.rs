@@ -211,43 +211,7 @@ impl Registry {
             }
         }
         for (i, a) in self.agents.iter().enumerate() {
-            self.check_upstreams(i, a)?;
-        }
-        Ok(())
-    }
-
-    /// An agent's upstreams name agents of the registry (or `ollama`) on distinct loopback
-    /// ports its namespace does not already use.
-    fn check_upstreams(&self, i: usize, a: &Agent) -> Result<(), Invalid> {
-        use PathSeg::*;
-        let mut seen: BTreeMap<u16, usize> = BTreeMap::new();
-        for (j, u) in a.upstreams.iter().enumerate() {
-            let at = |k| vec![Key("agents"), Index(i), Key("upstreams"), Index(j), Key(k)];
-            let known = u.service == "ollama" || self.agents.iter().any(|b| b.name == u.service);
-            if !known {
-                return Err(invalid(
-                    at("service"),
-                    format!("{:?} is not an agent of the registry", u.service),
-                ));
-            }
-            if u.port < 1024 {
-                return Err(invalid(at("port"), format!("{} is below 1024", u.port)));
-            }
-            if let Some((_, what)) = RESERVED_LOCAL_PORTS.iter().find(|(p, _)| *p == u.port) {
-                return Err(invalid(at("port"), format!("{} is {what}", u.port)));
-            }
-            if u.port == a.port {
-                return Err(invalid(
-                    at("port"),
-                    format!("{} is the agent's own mesh port", u.port),
-                ));
-            }
-            if let Some(first) = seen.insert(u.port, j) {
-                return Err(invalid(
-                    at("port"),
-                    format!("{} is already upstreams[{first}]", u.port),
-                ));
-            }
+            check_upstreams(i, a, &names)?;
         }
         Ok(())
     }
@@ -260,6 +224,42 @@ impl Registry {
     pub fn in_phase(&self, phase: Phase) -> impl Iterator<Item = &Agent> {
         self.agents.iter().filter(move |a| a.phase == phase)
     }
+}
+
+/// An agent's upstreams name agents of the registry (or `ollama`) on distinct loopback
+/// ports its namespace does not already use.
+fn check_upstreams(i: usize, a: &Agent, agents: &BTreeMap<&str, usize>) -> Result<(), Invalid> {
+    use PathSeg::*;
+    let mut seen: BTreeMap<u16, usize> = BTreeMap::new();
+    for (j, u) in a.upstreams.iter().enumerate() {
+        let at = |k| vec![Key("agents"), Index(i), Key("upstreams"), Index(j), Key(k)];
+        let known = u.service == "ollama" || agents.contains_key(u.service.as_str());
+        if !known {
+            return Err(invalid(
+                at("service"),
+                format!("{:?} is not an agent of the registry", u.service),
+            ));
+        }
+        if u.port < 1024 {
+            return Err(invalid(at("port"), format!("{} is below 1024", u.port)));
+        }
+        if let Some((_, what)) = RESERVED_LOCAL_PORTS.iter().find(|(p, _)| *p == u.port) {
+            return Err(invalid(at("port"), format!("{} is {what}", u.port)));
+        }
+        if u.port == a.port {
+            return Err(invalid(
+                at("port"),
+                format!("{} is the agent's own mesh port", u.port),
+            ));
+        }
+        if let Some(first) = seen.insert(u.port, j) {
+            return Err(invalid(
+                at("port"),
+                format!("{} is already upstreams[{first}]", u.port),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The first version `control` publishes, and sidecar `a` following it once it has applied it.
+async fn first_version_followed(control: &control::TestControl) -> (u64, proxy::TestProxy) {
+    let v1 = control.wait_version_after(0).await;
+    let proxy = proxy::builder()
+        .agent("a")
+        .bootstrap_extra(&control.sidecar_toml(None))
+        .start()
+        .await;
+    control.wait_applied(v1, 1).await;
+    (v1, proxy)
+}
+
 /// Calls `target` through a sidecar without pause until stopped; counts calls and failures.
 struct Workload {
     stop: Arc<AtomicBool>,
@@ -219,13 +231,7 @@ async fn poisoned_entries_are_left_out_and_reported_while_good_ones_route() {
         ],
     );
     let control = control::builder().consul(consul.addr()).start().await;
-    let v1 = control.wait_version_after(0).await;
-    let proxy = proxy::builder()
-        .agent("a")
-        .bootstrap_extra(&control.sidecar_toml(None))
-        .start()
-        .await;
-    control.wait_applied(v1, 1).await;
+    let (_, proxy) = first_version_followed(&control).await;
 
     // The good ones route.
     let reply = client::http1(proxy.outbound()).get("b", "/").await;
@@ -325,13 +331,7 @@ async fn a_consul_that_ignores_passing_still_gets_no_failing_instance_routed() {
         ],
     );
     let control = control::builder().consul(consul.addr()).start().await;
-    let v1 = control.wait_version_after(0).await;
-    let proxy = proxy::builder()
-        .agent("a")
-        .bootstrap_extra(&control.sidecar_toml(None))
-        .start()
-        .await;
-    control.wait_applied(v1, 1).await;
+    let (_, proxy) = first_version_followed(&control).await;
     let services = sidecar_services(proxy.admin()).await;
     let b = services.iter().find(|s| s["name"] == "b").unwrap();
     assert_eq!(b["endpoints"], json!([good.addr().to_string()]));
@@ -412,13 +412,7 @@ async fn a_catalog_that_empties_is_held_until_it_recovers_or_an_operator_confirm
         .confirm_token("s3cret")
         .start()
         .await;
-    let v1 = control.wait_version_after(0).await;
-    let proxy = proxy::builder()
-        .agent("a")
-        .bootstrap_extra(&control.sidecar_toml(None))
-        .start()
-        .await;
-    control.wait_applied(v1, 1).await;
+    let (v1, proxy) = first_version_followed(&control).await;
 
     // Consul loses its state: every service goes. Held back, reported, not pushed. (The
     // services' health answers may empty before the service list does: the catalog first
@@ -518,13 +512,7 @@ async fn a_control_process_restarted_while_consul_has_partly_recovered_holds_the
         consul.set_service(name, "performance", &[b.addr()]);
     }
     let mut control = control::builder().consul(consul.addr()).start().await;
-    let v1 = control.wait_version_after(0).await;
-    let proxy = proxy::builder()
-        .agent("a")
-        .bootstrap_extra(&control.sidecar_toml(None))
-        .start()
-        .await;
-    control.wait_applied(v1, 1).await;
+    let (_, proxy) = first_version_followed(&control).await;
     assert_eq!(sidecar_services(proxy.admin()).await.len(), names.len());
 
     // Consul restarts with an empty catalog and the control process restarts meanwhile; by

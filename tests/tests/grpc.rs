@@ -16,13 +16,20 @@ struct TwoHops {
 }
 
 async fn two_hops(b_service: impl FnOnce(ServiceToml) -> ServiceToml) -> TwoHops {
+    two_hops_to("b", b_service).await
+}
+
+/// As [`two_hops`], with A routing `target` to B: a test that reads A's breaker or ejection
+/// series names its target alone, since the in-process sidecars of this file share one
+/// metrics registry.
+async fn two_hops_to(target: &str, b_service: impl FnOnce(ServiceToml) -> ServiceToml) -> TwoHops {
     let app = python::server("grpc_server.py", &[]).await;
     let b = proxy::builder()
         .agent("b")
         .inbound_app(app.addr)
         .start()
         .await;
-    let snap = snapshot(1).service(b_service(service("b").http2().endpoint(b.inbound())));
+    let snap = snapshot(1).service(b_service(service(target).http2().endpoint(b.inbound())));
     let a = proxy::builder()
         .agent("a")
         .snapshot(snap.to_toml())
@@ -282,30 +289,15 @@ async fn the_callee_sidecars_refusals_are_unavailable_and_leave_the_breaker_clos
 async fn a_call_failing_in_its_trailers_after_a_200_head_counts_for_the_breaker() {
     // grpcio streams a message, then ends the call UNAVAILABLE: the 200 head looked fine, the
     // trailers say otherwise. Two such calls open A's breaker for the target, as two 503s
-    // would. The target has a name of its own: the in-process sidecars of this file share one
-    // metrics registry, and other tests open and close breakers for `b`.
-    let app = python::server("grpc_server.py", &[]).await;
-    let b = proxy::builder()
-        .agent("b")
-        .inbound_app(app.addr)
-        .start()
-        .await;
-    let snap = snapshot(1).service(
-        service("b-trailers")
-            .http2()
-            .endpoint(b.inbound())
-            .policy("retry", "{ max_attempts = 1 }")
-            .policy(
-                "breaker",
-                "{ consecutive_failures = 2, failure_ratio = 0.0, cooldown = \"30s\" }",
-            ),
-    );
-    let a = proxy::builder()
-        .agent("a")
-        .snapshot(snap.to_toml())
-        .start()
-        .await;
-    let addr = a.outbound().to_string();
+    // would.
+    let hops = two_hops_to("b-trailers", |svc| {
+        svc.policy("retry", "{ max_attempts = 1 }").policy(
+            "breaker",
+            "{ consecutive_failures = 2, failure_ratio = 0.0, cooldown = \"30s\" }",
+        )
+    })
+    .await;
+    let addr = hops.a.outbound().to_string();
     let stream = |payload: &'static str| {
         let addr = addr.clone();
         async move { python::run("grpc_client.py", &[&addr, "b-trailers", "stream", payload]).await }
@@ -319,7 +311,7 @@ async fn a_call_failing_in_its_trailers_after_a_200_head_counts_for_the_breaker(
         assert_eq!(out["items"], serde_json::json!(["item-0"]), "{out}");
     }
     mesh_tests::metrics::wait_for_metric(
-        a.admin(),
+        hops.a.admin(),
         "agent_circuit_breaker_state",
         &[("target", "b-trailers"), ("endpoint", "")],
         1.0,
@@ -333,5 +325,5 @@ async fn a_call_failing_in_its_trailers_after_a_200_head_counts_for_the_breaker(
             .is_some_and(|d| d.contains("circuit breaker")),
         "{open}"
     );
-    drop(app);
+    drop(hops.app);
 }
